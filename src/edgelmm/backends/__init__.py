@@ -1,0 +1,1 @@
+"""Backends: one interface over every engine (see base.py)."""

@@ -1,0 +1,80 @@
+"""What this machine offers: versions, devices, memory, optional engines and bundled models."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import sys
+
+import psutil
+
+# Optional engines and libraries: import name -> the extra that installs it.
+OPTIONAL = {
+    "vllm": "vllm",
+    "lmdeploy": "lmdeploy",
+    "llama_cpp": "llamacpp",
+    "openai": "openai",
+    "fastapi": "serve",
+    "compressed_tensors": "quant",
+    "gguf": "llamacpp",
+}
+
+
+def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
+    width = max(len(k) for k, _ in [header, *rows])
+    lines = [f"{header[0]:<{width}}  {header[1]}", f"{'-' * width}  {'-' * len(header[1])}"]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    for dist in packages_distributions().get(module, [module]):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "installed"
+
+
+def environment() -> list[tuple[str, str]]:
+    import torch
+    import transformers
+
+    mem = psutil.virtual_memory()
+    rows = [
+        ("python", f"{sys.version.split()[0]} ({platform.machine()}, {platform.system()})"),
+        ("edgelmm", _version("edgelmm") or "source"),
+        ("torch", torch.__version__),
+        ("transformers", transformers.__version__),
+        ("cpu threads", f"{torch.get_num_threads()} (of {psutil.cpu_count()} logical cores)"),
+        ("memory", f"{mem.total / 2**30:.1f} GiB total, {mem.available / 2**30:.1f} GiB available"),
+        ("cuda", f"available (CUDA {torch.version.cuda})" if torch.cuda.is_available() else "not available"),
+    ]
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(i)
+        rows.append((f"gpu {i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}"))
+    for module, extra in OPTIONAL.items():
+        found = _version(module)
+        rows.append((module, found if found else f"missing (pip install 'edgelmm[{extra}]')"))
+    return rows
+
+
+def environment_table() -> str:
+    return _table(environment(), ("component", "status"))
+
+
+def models_table() -> str:
+    from edgelmm.demo import DEMO_MODELS, checkpoint_path
+    from edgelmm.models.registry import supported_model_types
+
+    rows = []
+    for name in DEMO_MODELS:
+        path = checkpoint_path(name)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.exists() else 0
+        rows.append((name, f"{path} ({size / 1e6:.1f} MB of weights)" if size else f"{path} (missing)"))
+    table = _table(rows, ("bundled model", "checkpoint"))
+    return f"{table}\n\nsupported model_type values: {', '.join(supported_model_types())}"

@@ -1,0 +1,1 @@
+"""Model adapters: one per architecture family, chosen by config.model_type."""

@@ -1,0 +1,50 @@
+"""Peak memory of a region: CUDA peak allocated on a GPU, sampled resident set size on a CPU."""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+import torch
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as peak: ...` then `peak.bytes`.
+
+    On CUDA this is torch's peak allocated memory (what the model and its activations hold).
+    On a CPU it is the largest resident set size of the process seen by a sampler thread, which
+    includes the weights and interpreter as a user's `top` would.
+    """
+
+    def __init__(self, device: torch.device | str, interval_s: float = 0.005):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            process = psutil.Process()
+            self.bytes = process.memory_info().rss
+
+            def sample() -> None:
+                while not self._stop.wait(self.interval_s):
+                    self.bytes = max(self.bytes or 0, process.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            self.bytes = max(self.bytes or 0, psutil.Process().memory_info().rss)
