@@ -64,10 +64,10 @@ def images_only(processor_cls: type) -> type:
     """The family's own processor class, without its video processor.
 
     transformers 5 gives every Qwen-VL and InternVL processor a mandatory video processor, and
-    video processors need torchvision, which the CPU build of torch here and many Jetson images
-    lack (PyPI's torchvision wheel does not load against torch's CPU build). edgelmm feeds
-    images only, so it drops that one part: tokenizer, image processor, chat template and the
-    image-token expansion stay the family's own. Cached, so that a family has one such class.
+    video processors need torchvision, which CPU-only and Jetson installs often lack (PyPI's
+    torchvision wheels do not even load against torch's CPU build). edgelmm feeds images only,
+    so it drops that one part: tokenizer, image processor, chat template and the image-token
+    expansion stay the family's own. Cached, so that a family has one such class.
     """
     attributes = [name for name in processor_cls.get_attributes() if name != "video_processor"]
     return type(processor_cls.__name__, (processor_cls,), {"get_attributes": classmethod(lambda cls: attributes)})
@@ -82,7 +82,7 @@ def load_processor(path: Path, model_type: str, multimodal: bool, trust_remote_c
     if not multimodal:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     name = PROCESSOR_MAPPING_NAMES.get(model_type)
-    if name is None or trust_remote_code:  # a processor transformers does not ship: let it resolve the class
+    if name is None:  # not a transformers-native family (remote code): let transformers resolve it
         return AutoProcessor.from_pretrained(path, **kwargs)
     return images_only(processor_class_from_name(name)).from_pretrained(path, local_files_only=True)
 

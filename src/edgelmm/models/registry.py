@@ -29,9 +29,10 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def _ensure_loaded() -> None:
-    if not ADAPTERS:
-        for module in FAMILY_MODULES:
-            importlib.import_module(module)
+    """Import every family module (each registers itself). Not skipped when ADAPTERS is merely
+    non-empty: importing one family module directly must not hide the others."""
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
 
 
 def supported_model_types() -> list[str]:
