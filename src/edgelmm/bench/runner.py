@@ -1,0 +1,359 @@
+"""The benchmark runner: a matrix of models × backends × methods × tasks, one results line per cell.
+
+Each finished cell is appended atomically to `results.jsonl` (its per-sample outputs go to
+`samples/<cell>.jsonl` first), and the report is rebuilt after it. A rerun into the same folder
+skips every cell whose key is already there, so a run killed at any moment resumes and loses at
+most the cell it was in. The key is (mode, model, backend, method, task, samples, seed,
+device_type): device_type is the requested device with "auto" resolved ("cpu" / "cuda"), known
+before any model loads, so a finished cell costs nothing on resume.
+
+Everything that can be checked before loading a model is checked first (backends, methods,
+task files, hardware profile, duplicate cells), so a typo fails in a second, not after an hour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from edgelmm.backends.base import Backend, Request, Result
+from edgelmm.backends.registry import backend_class
+from edgelmm.bench.metrics import summarize
+from edgelmm.bench.report import RESULTS, read_results, write_report
+from edgelmm.config import BenchConfig, HardwareProfile, ModelSpec, validate
+from edgelmm.errors import EdgelmmError
+from edgelmm.methods import check_method, parse_method
+from edgelmm.tasks import TASKS, Task, TaskSample, available_tasks, get_task
+from edgelmm.utils.io import append_jsonl, atomic_write_text
+
+KEY_FIELDS = ("mode", "model", "backend", "method", "task", "samples", "seed", "device_type")
+SAMPLES_DIR = "samples"
+
+
+@dataclass
+class Cell:
+    """One point of the matrix, with its samples already drawn (and task files already checked)."""
+
+    mode: str  # "bench" or "eval"
+    model: ModelSpec  # methods, device and dtype already set for this cell
+    backend: str
+    method: str
+    task: Task
+    seed: int
+    samples: list[TaskSample]
+    device_type: str
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.mode, self.model.display_name, self.backend, self.method, self.task.label,
+                len(self.samples), self.seed, self.device_type)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.display_name} / {self.backend} / {self.method} / {self.task.label}"
+
+    @property
+    def file_stem(self) -> str:
+        """A readable, filesystem-safe name; the hash keeps cells apart that slug alike."""
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", "_".join(map(str, self.key[1:]))).strip("-")[:120]
+        return f"{slug}-{hashlib.sha1(repr(self.key).encode()).hexdigest()[:8]}"
+
+
+def record_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(record.get(k) for k in KEY_FIELDS)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _device_type(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan_cells(config: BenchConfig, mode: str = "bench") -> list[Cell]:
+    """Check the whole matrix and draw every task's samples, before anything loads."""
+    for name in config.backends:
+        backend_class(name)
+    for method in config.methods:
+        check_method(method)
+    tasks = []
+    for spec in config.tasks:
+        task = get_task(spec)
+        tasks.append((task, spec.seed, task.samples(spec.samples or config.samples, spec.seed)))
+    cells = []
+    for model in config.models:
+        device = config.device if config.device != "auto" else model.device
+        dtype = config.dtype if config.dtype != "auto" else model.dtype
+        for backend in config.backends:
+            for method in config.methods:
+                spec = model.model_copy(update={"methods": [*model.methods, method], "device": device, "dtype": dtype})
+                cells += [
+                    Cell(mode, spec, backend, method, task, seed, samples, _device_type(device))
+                    for task, seed, samples in tasks
+                ]
+    seen: set[tuple[Any, ...]] = set()
+    for cell in cells:
+        if cell.key in seen:
+            raise EdgelmmError(
+                f"two cells of the matrix are the same: {cell.label}",
+                "give models distinct 'name's and list each task, backend and method once",
+            )
+        seen.add(cell.key)
+    return cells
+
+
+# ---------------------------------------------------------------- hardware and roofline
+
+
+def _hardware(config: BenchConfig, device_type: str) -> HardwareProfile | None:
+    """The profile named in the config (bundled name or YAML path), else the one matching the device."""
+    import torch
+
+    from edgelmm.hardware import guess_profile, load_profile
+
+    if config.hardware:
+        return load_profile(config.hardware)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return None  # the backend says so, in one clear line, when it loads
+    return guess_profile(device_type)
+
+
+def _weight_bits(cell: Cell) -> int:
+    """Quantized weight bits a method asks for (by the `w_bit` convention, e.g. awq(w_bit=4)), else 16."""
+    bits = [kwargs.get("w_bit") for _, kwargs in map(parse_method, cell.model.methods)]
+    return next((b for b in bits if b in (4, 8)), 16)
+
+
+def _roofline(cell: Cell, profile: HardwareProfile | None, context: float) -> float | None:
+    """Decode tok/s that the device's memory bandwidth (and peak compute) allow at this context.
+
+    None where it cannot be computed: no profile, or no local config.json of a supported family
+    (e.g. a model id served by a remote engine). The hardware model counts 16-bit weights and KV
+    cache; a float32 run moves exactly twice those bytes, so it is bounded with half the bandwidth.
+    """
+    if profile is None:
+        return None
+    import torch
+
+    from edgelmm.hardware import roofline_decode_tok_s
+    from edgelmm.models.loader import resolve_dtype, resolve_model_path
+
+    try:
+        if resolve_dtype(cell.model.dtype, torch.device(cell.device_type)) == torch.float32:
+            memory = profile.memory.model_copy(update={"bandwidth_gbs": profile.memory.bandwidth_gbs / 2})
+            profile = profile.model_copy(update={"memory": memory})
+        path = resolve_model_path(cell.model.path)
+        return roofline_decode_tok_s(path, profile, weight_bits=_weight_bits(cell), context=max(1, round(context)))
+    except EdgelmmError:
+        return None
+
+
+# ---------------------------------------------------------------- measuring one cell
+
+
+def _row(repeat: int, sample: TaskSample, result: Result, task: Task) -> dict[str, Any]:
+    score = task.score(result.text, sample)
+    return {
+        "repeat": repeat, "id": sample.id, "kind": sample.kind,
+        "prompt": sample.prompt, "reference": sample.reference, "prediction": result.text,
+        "score": score, "correct": score == 1.0, "finish_reason": result.finish_reason,
+        "ttft_s": result.timings.ttft_s, "tpot_s": result.timings.tpot_s,
+        "decode_tokens": len(result.timings.decode_s), "decode_time_s": sum(result.timings.decode_s),
+        "e2e_s": result.timings.e2e_s,
+        "prompt_tokens": result.counts.prompt_tokens, "visual_tokens": result.counts.visual_tokens,
+        "generated_tokens": result.counts.generated_tokens, "peak_memory_bytes": result.peak_memory_bytes,
+    }
+
+
+def _generate(backend: Backend, batch: Sequence[TaskSample], config: BenchConfig) -> list[Result]:
+    results = backend.generate([Request(s.prompt, list(s.images), s.id) for s in batch], config.sampling)
+    if len(results) != len(batch):
+        raise EdgelmmError(f"backend '{backend.name}' returned {len(results)} results for {len(batch)} requests")
+    return results
+
+
+def _batches(samples: Sequence[TaskSample], size: int) -> list[Sequence[TaskSample]]:
+    return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def _measure(backend: Backend, cell: Cell, config: BenchConfig, progress: bool) -> tuple[list[dict[str, Any]], float]:
+    """Warm-up (not kept), then every sample `repeats` times; returns the rows and generate wall time."""
+    warmup = [cell.samples[i % len(cell.samples)] for i in range(config.warmup)]
+    for batch in _batches(warmup, config.batch_size):
+        _generate(backend, batch, config)
+    rows: list[dict[str, Any]] = []
+    wall_s = 0.0
+    total = len(cell.samples) * config.repeats
+    with tqdm(total=total, desc=cell.label, unit="sample", disable=not progress, file=sys.stderr) as bar:
+        for repeat in range(config.repeats):
+            for batch in _batches(cell.samples, config.batch_size):
+                start = time.perf_counter()
+                results = _generate(backend, batch, config)
+                wall_s += time.perf_counter() - start
+                rows += [_row(repeat, s, r, cell.task) for s, r in zip(batch, results)]
+                bar.update(len(batch))
+    return rows, wall_s
+
+
+def _versions() -> dict[str, str]:
+    import edgelmm
+
+    found = {"edgelmm": edgelmm.__version__}
+    for package in ("torch", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "missing"
+    return found
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _record(cell: Cell, config: BenchConfig, backend: Backend, rows: list[dict[str, Any]], wall_s: float,
+            hardware: HardwareProfile | None, started_at: str, samples_file: str) -> dict[str, Any]:
+    summary = summarize(rows, wall_s)
+    counts = summary["counts"]
+    context = counts["prompt_tokens"] + counts["generated_tokens"] / 2  # mean context over decode steps
+    return {
+        "mode": cell.mode, "config": config.name,
+        "model": cell.model.display_name, "model_path": cell.model.path, "backend": cell.backend,
+        "method": cell.method, "methods": cell.model.methods,
+        "task": cell.task.label, "task_path": str(cell.task.path) if cell.task.path else None,
+        "samples": len(cell.samples), "seed": cell.seed,
+        "device": backend.device_name(), "device_type": cell.device_type, "dtype": cell.model.dtype,
+        "hardware": hardware.name if hardware else None,
+        "batch_size": config.batch_size, "warmup": config.warmup, "repeats": config.repeats,
+        "sampling": config.sampling.model_dump(),
+        **summary,
+        "roofline_decode_tok_s": _roofline(cell, hardware, context) if cell.mode == "bench" else None,
+        "started_at": started_at, "finished_at": _now(),
+        "host": platform.node(), "platform": f"{platform.system()} {platform.machine()}",
+        "versions": _versions(), "samples_file": samples_file,
+    }
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+def _fail(cell: Cell, message: str, hint: str | None, resumable: bool) -> EdgelmmError:
+    resume = "finished cells are kept: rerun the same command to resume" if resumable else None
+    return EdgelmmError(f"cell {cell.label} failed: {message}", "; ".join(h for h in (hint, resume) if h) or None)
+
+
+def _run(config: BenchConfig, out_dir: str | Path | None, mode: str, progress: bool, debug: bool) -> list[dict[str, Any]]:
+    import torch
+
+    out = Path(out_dir or config.out or f"runs/{config.name}")
+    cells = plan_cells(config, mode)
+    hardware = {t: _hardware(config, t) for t in {c.device_type for c in cells}}
+    done = {record_key(r): r for r in read_results(out)}
+    records: dict[tuple[Any, ...], dict[str, Any]] = {}
+    # Cells of one (model, backend, method) share one load; cells finished earlier need none.
+    for _, group in groupby(cells, key=lambda c: (c.model.display_name, c.backend, c.method)):
+        group = list(group)
+        for cell in group:
+            if cell.key in done:
+                records[cell.key] = done[cell.key]
+                if progress:
+                    tqdm.write(f"{cell.label}: finished earlier, skipped", file=sys.stderr)
+        pending = [c for c in group if c.key not in done]
+        if not pending:
+            continue
+        backend = backend_class(pending[0].backend)()
+        cell = pending[0]
+        try:
+            with backend:
+                backend.load(cell.model)
+                for cell in pending:
+                    started_at = _now()
+                    rows, wall_s = _measure(backend, cell, config, progress)
+                    samples_file = f"{SAMPLES_DIR}/{cell.file_stem}.jsonl"
+                    atomic_write_text(out / samples_file, "".join(json.dumps(r) + "\n" for r in rows))
+                    record = _record(cell, config, backend, rows, wall_s, hardware[cell.device_type], started_at, samples_file)
+                    append_jsonl(out / RESULTS, record)
+                    records[cell.key] = record
+                    write_report(out)
+        except EdgelmmError as exc:
+            raise _fail(cell, exc.message, exc.hint, bool(records)) from (exc if debug else None)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            hint = "lower batch_size or max_new_tokens, or quantize the model"
+            raise _fail(cell, "out of memory", hint, bool(records)) from (exc if debug else None)
+    if not (out / "report.md").exists():
+        write_report(out)  # every cell was finished earlier: still leave a report behind
+    return [records[c.key] for c in cells]
+
+
+def run_bench(config: BenchConfig, out_dir: str | Path | None = None, progress: bool = True, debug: bool = False) -> list[dict[str, Any]]:
+    """Measure every cell of the matrix (resuming from `out_dir`); returns one record per cell.
+
+    `out_dir` defaults to config.out, then runs/<config.name>. Records are in matrix order and
+    include cells finished by an earlier run. A cell failing with an EdgelmmError (or running
+    out of memory) stops the run with one line naming the cell; finished cells stay.
+    """
+    return _run(config, out_dir, "bench", progress, debug)
+
+
+def run_eval(config: BenchConfig, out_dir: str | Path | None = None, progress: bool = True, debug: bool = False) -> list[dict[str, Any]]:
+    """Accuracy over the same tasks through the same code path: no warm-up, one repeat, no roofline."""
+    return _run(config.model_copy(update={"warmup": 0, "repeats": 1}), out_dir, "eval", progress, debug)
+
+
+def bench_config_from_args(
+    models: str | Sequence[str],
+    backends: str | Sequence[str] = "torch",
+    methods: str | Sequence[str] = "none",
+    tasks: str | Sequence[str] = "shapes-vqa",
+    task_file: str | None = None,
+    samples: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    hardware: str | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    out: str | None = None,
+    name: str = "bench",
+) -> BenchConfig:
+    """A one-off matrix from command-line values, validated like a YAML file (errors name the flag's key).
+
+    `task_file` goes to the file-based tasks (vqa-jsonl, mc-jsonl) of the list; None values keep
+    BenchConfig's defaults.
+    """
+    def as_list(value: str | Sequence[str]) -> list[str]:
+        return [value] if isinstance(value, str) else list(value)
+
+    task_names = as_list(tasks)
+    available_tasks()  # registers the built-in tasks so that needs_path is known
+    file_tasks = [t for t in task_names if t in TASKS and TASKS[t].needs_path]
+    if task_file is not None and not file_tasks:
+        raise EdgelmmError(
+            f"a task file was given ({task_file}) but no task reads one",
+            "add a file task, e.g. --task vqa-jsonl or --task mc-jsonl",
+        )
+    data: dict[str, Any] = {
+        "name": name, "models": as_list(models), "backends": as_list(backends), "methods": as_list(methods),
+        "tasks": [{"name": t, "path": task_file if t in file_tasks else None} for t in task_names],
+        "device": device, "dtype": dtype, "hardware": hardware, "out": out,
+        "samples": samples, "batch_size": batch_size,
+    }
+    if max_new_tokens is not None:
+        data["sampling"] = {"max_new_tokens": max_new_tokens}
+    return validate(BenchConfig, {k: v for k, v in data.items() if v is not None}, "command line")

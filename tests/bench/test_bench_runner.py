@@ -1,0 +1,139 @@
+"""The runner end to end on a real (tiny) model: results, samples, report, failure and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from edgelmm.backends.torch_backend import TorchBackend
+from edgelmm.bench import bench_config_from_args, run_bench, run_eval
+from edgelmm.errors import EdgelmmError
+
+REQUIRED = {
+    "model", "backend", "method", "task", "samples", "device", "hardware", "accuracy",
+    "ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "decode_tok_s", "roofline_decode_tok_s", "e2e_p50_s",
+    "peak_memory_bytes", "counts", "started_at", "finished_at", "versions",
+}
+
+
+def config(model, tasks=("shapes-vqa",), methods=("none",), samples=2, **extra):
+    base = bench_config_from_args(
+        str(model), methods=list(methods), tasks=list(tasks), samples=samples, device="cpu", max_new_tokens=3
+    )
+    return base.model_copy(update={"warmup": 1, **extra})
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def no_temp_files(out: Path) -> bool:
+    return not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_bench_writes_results_samples_and_report(tiny_llava, tmp_path):
+    out = tmp_path / "run"
+    rows = run_bench(config(tiny_llava, repeats=2, batch_size=2), out, progress=False)
+    (row,) = rows
+    assert REQUIRED <= set(row)
+    assert (row["model"], row["backend"], row["method"], row["task"], row["samples"]) == (
+        "tiny-llava", "torch", "none", "shapes-vqa", 2)
+    assert row["device"].startswith("cpu") and row["ttft_p50_s"] > 0 and row["e2e_p50_s"] >= row["ttft_p50_s"]
+    assert row["counts"]["visual_tokens"] > 0 and 1 <= row["counts"]["generated_tokens"] <= 3
+    assert set(row["versions"]) == {"edgelmm", "torch", "transformers"}
+    assert lines(out / "results.jsonl") == rows
+    samples = lines(out / row["samples_file"])
+    assert [s["repeat"] for s in samples] == [0, 0, 1, 1]
+    assert {"prediction", "reference", "correct", "ttft_s", "e2e_s"} <= set(samples[0])
+    report = (out / "report.md").read_text()
+    assert "| tiny-llava | torch | none | shapes-vqa | 2 |" in report
+    for png in ("accuracy.png", "latency.png"):
+        Image.open(out / png).verify()
+    assert no_temp_files(out)
+
+
+def test_eval_shares_the_path_with_one_pass(tiny_llava, tmp_path, monkeypatch):
+    calls = []
+    generate = TorchBackend.generate
+    monkeypatch.setattr(TorchBackend, "generate", lambda self, reqs, params: calls.append(len(reqs)) or generate(self, reqs, params))
+    (row,) = run_eval(config(tiny_llava, repeats=3), tmp_path, progress=False)
+    assert calls == [1, 1]  # no warm-up, no repeats
+    assert row["mode"] == "eval" and row["roofline_decode_tok_s"] is None and 0 <= row["accuracy"] <= 1
+    assert "TTFT" not in (tmp_path / "report.md").read_text()
+
+
+def test_failing_cell_stops_the_run_and_keeps_finished_cells(tiny_llava, tmp_path):
+    # `none` takes no arguments: the second cell fails when its method is applied at load
+    with pytest.raises(EdgelmmError, match=r"cell tiny-llava / torch / none\(x=1\) / shapes-vqa failed: bad arguments.*rerun"):
+        run_bench(config(tiny_llava, methods=["none", "none(x=1)"]), tmp_path, progress=False)
+    assert [r["method"] for r in lines(tmp_path / "results.jsonl")] == ["none"]
+    assert no_temp_files(tmp_path)
+
+
+def test_matrix_problems_fail_before_any_model_loads(tmp_path):
+    with pytest.raises(EdgelmmError, match="unknown method 'nope'"):
+        run_bench(config("no-such-model", methods=["nope"]), tmp_path, progress=False)
+    with pytest.raises(EdgelmmError, match="two cells of the matrix are the same"):
+        run_bench(config("no-such-model", tasks=["shapes-vqa", "shapes-vqa"]), tmp_path, progress=False)
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+import torch
+from edgelmm.backends.torch_backend import TorchBackend
+from edgelmm.bench import bench_config_from_args, run_bench
+
+model, out = sys.argv[1], Path(sys.argv[2])
+generate = TorchBackend.generate
+
+def generate_then_hang(self, requests, params):
+    if (out / "results.jsonl").exists():  # the first cell is written: hang inside the second
+        (out / "hanging").touch()
+        time.sleep(600)
+    return generate(self, requests, params)
+
+TorchBackend.generate = generate_then_hang
+torch.set_num_threads(1)  # as the suite's conftest does: toy matmuls on a busy machine
+config = bench_config_from_args(model, tasks=["shapes-vqa", "shapes-caption"], samples=2, device="cpu", max_new_tokens=3)
+run_bench(config.model_copy(update={"warmup": 1}), out, progress=False)
+"""
+
+
+def test_resume_after_kill_skips_finished_cells(tiny_llava, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_llava), str(out)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "hanging").exists():
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the first cell did not finish in time"
+            time.sleep(0.1)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    first = (out / "results.jsonl").read_text()
+    assert [r["task"] for r in map(json.loads, first.splitlines())] == ["shapes-vqa"]
+    assert no_temp_files(out)
+
+    calls = []
+    generate = TorchBackend.generate
+    monkeypatch.setattr(TorchBackend, "generate", lambda self, reqs, params: calls.append(reqs[0].prompt) or generate(self, reqs, params))
+    rows = run_bench(config(tiny_llava, tasks=["shapes-vqa", "shapes-caption"]), out, progress=False)
+    assert [r["task"] for r in rows] == ["shapes-vqa", "shapes-caption"]
+    assert calls == ["Describe the image."] * 3  # warm-up + 2 samples of the second cell only
+    text = (out / "results.jsonl").read_text()
+    assert text.startswith(first) and len(text.splitlines()) == 2
+    assert rows[0] == json.loads(first)  # the first cell comes back from the file, not recomputed
+    assert no_temp_files(out)
+
+    calls.clear()
+    assert run_bench(config(tiny_llava, tasks=["shapes-vqa", "shapes-caption"]), out, progress=False) == rows
+    assert calls == []  # everything finished: nothing loads, nothing runs
