@@ -33,6 +33,7 @@ urllib.request.urlopen("https://download.pytorch.org/whl/cpu/torch/", timeout=3)
 PY
   pip install -q "torch==$TORCH_CPU_VERSION" "${extra[@]}"
 fi
+echo "setup: installing edgelmm[dev] (the first time, llama-cpp-python compiles from source: about 10 min on 2 cores)"
 pip install -q -e ".[dev]"
 echo "$want" > "$stamp"
 echo "setup: done ($(python -c 'import torch; print("torch", torch.__version__)'))"

@@ -138,6 +138,83 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(pairs: list[str] | None) -> dict[str, object]:
+    """--option KEY=VALUE (repeatable); values are YAML scalars: 4096, true, 0.8, text."""
+    import yaml
+
+    options: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EdgelmmError(f"bad --option '{pair}'", "write --option KEY=VALUE, e.g. --option n_ctx=4096")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edgelmm.config import ModelSpec
+    from edgelmm.serve import Limits, run_server
+
+    spec = ModelSpec(path=args.model, device=args.device, dtype=args.dtype, methods=args.method or [], options=_options(args.option))
+    limits = Limits(
+        max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
+        max_tokens=args.max_tokens, max_context=args.max_context, max_batch_size=args.max_batch_size,
+    )
+    run_server(spec, args.backend, args.host, args.port, args.api_key, args.allow_local_files, limits,
+               args.served_model_name, "debug" if args.debug else "info")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgelmm.export.gguf import export_gguf
+
+    done = export_gguf(args.model, args.out, args.outtype)
+    print(f"wrote {done.path} ({done.arch}, {done.outtype}, {done.tensors} tensors, vocab {done.vocab_size}, "
+          f"{done.bytes / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from edgelmm.methods.quantization import CalibrationConfig, make_config, quantize_checkpoint
+
+    config = make_config(args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, extra=tuple(args.extra))
+    calibration = None
+    if args.method == "awq":
+        calibration = CalibrationConfig(
+            source=args.calib or "shapes", num_samples=args.calib_samples, max_seq_len=args.calib_seq_len,
+            concat=not args.no_concat, padding=args.padding, text_field=args.calib_field,
+        )
+    elif args.calib is not None:
+        raise EdgelmmError(f"--calib is for --method awq; {args.method} uses no calibration data")
+    summary = quantize_checkpoint(args.model, args.out, config, calibration, args.device, args.dtype, args.overwrite)
+    before, after = summary["weight_bytes_before"], summary["weight_bytes_after"]
+    print(f"{summary['method']}: {summary['quantized_layers']} linear layers in {summary['quantize_s']:.1f} s; "
+          f"weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({after / before:.3f}x)")
+    print(f"checkpoint (compressed-tensors pack-quantized): {summary['out']}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from edgelmm.methods.quantization import convert_to_awq
+
+    out = convert_to_awq(args.checkpoint, args.out, args.overwrite)
+    print(f"AutoAWQ GEMM checkpoint: {out}")
+    return 0
+
+
+def cmd_quant_eval(args: argparse.Namespace) -> int:
+    from edgelmm.methods.quantization.compare import compare, format_rows
+
+    rows = compare(
+        args.model, args.method or [], task=args.task, samples=args.samples, perplexity=args.ppl,
+        perplexity_samples=args.ppl_samples, device=args.device, dtype=args.dtype, out=args.out,
+    )
+    print(format_rows(rows))
+    if args.out:
+        print(f"\nreport: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgelmm", description="Edge LMM Optimizer: run, optimize and measure VLMs on edge devices.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -149,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         "plan": (cmd_plan, "memory plan and roofline for a model on a hardware profile"),
         "check-env": (cmd_check_env, "Python, torch, CUDA, memory and optional engines"),
         "models": (cmd_models, "bundled models and supported architectures"),
+        "serve": (cmd_serve, "OpenAI-compatible HTTP server over an in-process backend"),
+        "export": (cmd_export, "export a model to another engine's format (gguf)"),
+        "quantize": (cmd_quantize, "quantize a model's weights (RTN or AWQ) and save a compressed-tensors checkpoint"),
+        "convert": (cmd_convert, "rewrite a quantized checkpoint in AutoAWQ's GEMM layout (LMDeploy, vLLM awq)"),
+        "quant-eval": (cmd_quant_eval, "float and quantized models side by side: accuracy, perplexity, memory, speed"),
     }
     for name, (fn, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -167,6 +249,63 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--context", type=int, default=4096)
             p.add_argument("--batch", type=int, default=1)
             p.add_argument("--json", action="store_true")
+        elif name == "serve":
+            p.add_argument("model", help="bundled name, checkpoint dir, or a .gguf file with --backend llamacpp")
+            p.add_argument("--backend", default="torch", help="in-process engine: torch, llamacpp, vllm, lmdeploy")
+            p.add_argument("--method", action="append", help="method applied at load, e.g. 'fastv(k=2,keep=0.25)' (repeatable)")
+            p.add_argument("--option", action="append", help="engine option KEY=VALUE, e.g. logits_all=true (repeatable)")
+            p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+            p.add_argument("--port", type=int, default=8000)
+            p.add_argument("--api-key", default=os.environ.get("EDGELMM_API_KEY"),
+                           help="require 'Authorization: Bearer KEY' on every route but /health (default $EDGELMM_API_KEY)")
+            p.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
+            p.add_argument("--allow-local-files", action="store_true", help="accept local file paths as image URLs")
+            p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+            p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+            p.add_argument("--max-tokens", type=int, default=1024, help="most tokens one request may generate")
+            p.add_argument("--max-context", type=int, help="prompt + generated tokens (default: the model's)")
+            p.add_argument("--max-batch-size", type=int, default=8, help="waiting requests run together")
+            p.add_argument("--max-body-mb", type=float, default=20.0)
+            p.add_argument("--max-image-mb", type=float, default=10.0)
+        elif name == "export":
+            formats = p.add_subparsers(dest="format", required=True)
+            gguf = formats.add_parser("gguf", help="the language model of a Llama/Qwen2-family checkpoint, for llama.cpp")
+            gguf.add_argument("model", help="bundled name or checkpoint dir")
+            gguf.add_argument("out", help="output file, OUT.gguf")
+            gguf.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32")
+            gguf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        elif name == "quantize":
+            p.add_argument("model", help="bundled name or float checkpoint dir")
+            p.add_argument("--method", choices=["rtn", "awq"], default="awq")
+            p.add_argument("--bits", type=int, default=4, help="weight bits: 4 or 8")
+            p.add_argument("--group-size", type=int, default=128)
+            p.add_argument("--symmetric", action="store_true", help="no zero points (default: asymmetric)")
+            p.add_argument("--extra", nargs="*", default=[], help="also quantize: lm_head, vision_tower, projector")
+            p.add_argument("--calib", help="awq calibration: shapes (default), a .txt/.jsonl file, a datasets folder, hf:NAME[:SPLIT]")
+            p.add_argument("--calib-samples", type=int, default=128)
+            p.add_argument("--calib-seq-len", type=int, default=512)
+            p.add_argument("--calib-field", default="text", help="text field of .jsonl / dataset records")
+            p.add_argument("--no-concat", action="store_true", help="one sample per text instead of joined blocks")
+            p.add_argument("--padding", action="store_true", help="with --no-concat: pad samples into batches")
+            p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+            p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+            p.add_argument("--out", required=True, help="output checkpoint directory")
+            p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        elif name == "convert":
+            p.add_argument("checkpoint", help="compressed-tensors checkpoint made by edgelmm quantize")
+            p.add_argument("--to", choices=["awq"], default="awq", help="target layout")
+            p.add_argument("--out", required=True)
+            p.add_argument("--overwrite", action="store_true")
+        elif name == "quant-eval":
+            p.add_argument("model", nargs="+", help="bundled names or checkpoint dirs (float or quantized); the first is the baseline")
+            p.add_argument("--method", action="append", help="also the first model with this method, e.g. 'awq(w_bit=4, group=128)'")
+            p.add_argument("--task", default="shapes-vqa", help="accuracy task ('' to skip)")
+            p.add_argument("--samples", type=int, default=100)
+            p.add_argument("--ppl", default="shapes-caption", help="shapes-caption, or a .txt/.jsonl file ('' to skip)")
+            p.add_argument("--ppl-samples", type=int, default=100)
+            p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+            p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+            p.add_argument("--out", help="write report.md and results.json here")
     return parser
 
 

@@ -13,8 +13,9 @@ OPTIONAL = {
     "vllm": "vllm",
     "lmdeploy": "lmdeploy",
     "llama_cpp": "llamacpp",
-    "openai": "openai",
+    "httpx": "openai",
     "fastapi": "serve",
+    "uvicorn": "serve",
     "compressed_tensors": "quant",
     "gguf": "llamacpp",
 }
@@ -60,6 +61,28 @@ def environment() -> list[tuple[str, str]]:
     for module, extra in OPTIONAL.items():
         found = _version(module)
         rows.append((module, found if found else f"missing (pip install 'edgelmm[{extra}]')"))
+    rows += backend_status(torch.cuda.is_available())
+    return rows
+
+
+# Row label -> (modules it imports, needs CUDA): each backend, and the server of `edgelmm serve`.
+BACKEND_NEEDS = {
+    "backend torch": ((), False), "backend openai": (("httpx",), False), "backend llamacpp": (("llama_cpp",), False),
+    "backend vllm": (("vllm",), True), "backend lmdeploy": (("lmdeploy",), True), "edgelmm serve": (("fastapi", "uvicorn"), False),
+}
+
+
+def backend_status(cuda: bool) -> list[tuple[str, str]]:
+    """Whether each backend can run here, from installed packages and CUDA, without importing them."""
+    rows = []
+    for name, (modules, needs_cuda) in BACKEND_NEEDS.items():
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            rows.append((name, f"unavailable: {', '.join(missing)} missing (pip install 'edgelmm[{OPTIONAL[missing[0]]}]')"))
+        elif needs_cuda and not cuda:
+            rows.append((name, "unavailable: needs a CUDA GPU"))
+        else:
+            rows.append((name, "available"))
     return rows
 
 

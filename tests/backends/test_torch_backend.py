@@ -138,3 +138,16 @@ def test_generate_without_a_model_is_an_error():
 def test_unknown_backend_lists_choices():
     with pytest.raises(EdgelmmError, match="unknown backend 'nope'.*torch"):
         load("shapes-vlm-s", backend="nope")
+
+
+def test_closing_a_stream_stops_generation(backend):
+    steps = []
+    hook = backend.adapter.lm_head().register_forward_hook(lambda *_: steps.append(1))
+    try:
+        params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=0)
+        stream = backend.stream(ask(backend), params)
+        next(stream)
+        stream.close()  # what a server does when its client disconnects
+    finally:
+        hook.remove()
+    assert len(steps) < 10  # generation ended within a token or two, not after 200

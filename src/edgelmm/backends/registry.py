@@ -12,6 +12,10 @@ from edgelmm.errors import EdgelmmError
 # name -> "module:Class"; the module is imported only when the backend is asked for.
 BACKENDS: dict[str, str] = {
     "torch": "edgelmm.backends.torch_backend:TorchBackend",
+    "openai": "edgelmm.backends.openai_backend:OpenAIBackend",
+    "llamacpp": "edgelmm.backends.llamacpp_backend:LlamaCppBackend",
+    "vllm": "edgelmm.backends.vllm_backend:VLLMBackend",
+    "lmdeploy": "edgelmm.backends.lmdeploy_backend:LMDeployBackend",
 }
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.streamers import BaseStreamer
 
@@ -67,6 +67,16 @@ class _QueueStreamer(BaseStreamer):
         self.queue.put(None)
 
 
+class _Cancelled(StoppingCriteria):
+    """Ends generation between two tokens once the stream's consumer has gone away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -105,20 +115,22 @@ class TorchBackend(Backend):
                 "drop the images or load a vision-language model",
             )
 
-    def _generate_kwargs(self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock) -> dict[str, Any]:
+    def _generate_kwargs(
+        self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock, cancel: threading.Event | None = None
+    ) -> dict[str, Any]:
         tokenizer = self.adapter.tokenizer
         eos = self.adapter.eos_token_ids()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-        # A fresh config: model-shipped defaults (sampling on, repetition penalties) must not leak in.
+        # A fresh config: model-shipped defaults (sampling on, repetition penalties) must not leak
+        # in. When sampling, transformers' own warpers are switched off and ours run after the clock.
+        neutral = {} if params.greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=not params.greedy,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
             repetition_penalty=1.0,
             eos_token_id=eos or None,
             pad_token_id=pad,
+            **neutral,
         )
         processors = LogitsProcessorList([clock])
         if not params.greedy:
@@ -128,6 +140,8 @@ class TorchBackend(Backend):
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
         kwargs: dict[str, Any] = {**inputs, "generation_config": config, "logits_processor": processors}
+        if cancel is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=tokenizer)
         if params.seed is not None:
@@ -214,7 +228,10 @@ class TorchBackend(Backend):
         return results
 
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]:
-        """Yield each token as the model produces it; generation runs in a worker thread."""
+        """Yield each token as the model produces it; generation runs in a worker thread.
+
+        Closing the iterator early (a client that went away) stops generation at the next token.
+        """
         self._check([request])
         t0 = time.perf_counter()
         inputs = self._prepare([request])
@@ -222,11 +239,12 @@ class TorchBackend(Backend):
         streamer = _QueueStreamer()
         failure: list[BaseException] = []
         peak = PeakMemory(self.device)
+        cancel = threading.Event()
 
         def work() -> None:
             try:
                 with torch.inference_mode(), peak:
-                    self.model.generate(**self._generate_kwargs(inputs, params, clock), streamer=streamer)
+                    self.model.generate(**self._generate_kwargs(inputs, params, clock, cancel), streamer=streamer)
             except BaseException as exc:  # handed to the consumer below
                 failure.append(exc)
                 streamer.end()
@@ -237,20 +255,23 @@ class TorchBackend(Backend):
         ids: list[int] = []
         logprobs: list[float] = []
         text = ""
-        while (token := streamer.queue.get()) is not None:
-            if token in eos:
-                continue
-            ids.append(token)
-            logprob = float(clock.logprobs[len(ids) - 1][0, token]) if params.logprobs else None
-            if logprob is not None:
-                logprobs.append(logprob)
-            decoded = self.adapter.decode(ids)
-            if decoded.endswith("\ufffd"):  # inside a multi-byte character: wait for its end
-                delta = ""
-            else:
-                delta, text = decoded[len(text) :], decoded
-            yield TokenEvent(token, delta, logprob, time.perf_counter() - t0)
-        worker.join()
+        try:
+            while (token := streamer.queue.get()) is not None:
+                if token in eos:
+                    continue
+                ids.append(token)
+                logprob = float(clock.logprobs[len(ids) - 1][0, token]) if params.logprobs else None
+                if logprob is not None:
+                    logprobs.append(logprob)
+                decoded = self.adapter.decode(ids)
+                if decoded.endswith("\ufffd"):  # inside a multi-byte character: wait for its end
+                    delta = ""
+                else:
+                    delta, text = decoded[len(text) :], decoded
+                yield TokenEvent(token, delta, logprob, time.perf_counter() - t0)
+        finally:  # also when the consumer closes the stream early
+            cancel.set()
+            worker.join()
         if failure:
             raise failure[0]
         prompts, visuals = self._token_counts(inputs)

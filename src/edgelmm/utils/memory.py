@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import psutil
-import torch
+
+if TYPE_CHECKING:  # torch is imported lazily: engines that do not use it should not pay for it
+    import torch
 
 
 class PeakMemory:
@@ -17,14 +20,17 @@ class PeakMemory:
     """
 
     def __init__(self, device: torch.device | str, interval_s: float = 0.005):
-        self.device = torch.device(device)
+        self.device_type = str(device).split(":")[0]
+        self.device = device
         self.interval_s = interval_s
         self.bytes: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
+        if self.device_type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -40,7 +46,9 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
+        if self.device_type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)
             self.bytes = int(torch.cuda.max_memory_allocated(self.device))
         else:

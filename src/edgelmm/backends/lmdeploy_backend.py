@@ -1,0 +1,162 @@
+"""LMDeploy in process: the TurboMind or PyTorch-engine `pipeline`, CUDA only.
+
+    load(ModelSpec(path="OpenGVLab/InternVL2_5-2B", options={"engine": "turbomind"}), backend="lmdeploy")
+
+Engine settings come from the hardware profile (`engine.max_context` -> session_len,
+`engine.gpu_memory_utilization` -> cache_max_entry_count, `engine.enforce_eager` -> the PyTorch
+engine's eager_mode) and `spec.options` override them. Note that TurboMind applies
+cache_max_entry_count to the memory left *after* the weights, vLLM's gpu_memory_utilization to
+all of it. The mapping is two pure functions (`engine_config`, `generation_config`),
+unit-tested without LMDeploy. Streaming uses `pipeline.stream_infer`, so per-token times are
+real.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent
+from edgelmm.backends.openai_backend import engine_options
+from edgelmm.config import EngineDefaults, HardwareProfile, ModelSpec, SamplingParams
+from edgelmm.errors import EdgelmmError, MissingExtraError
+
+ENGINES = ("turbomind", "pytorch")
+OPTIONS = {
+    "engine": "turbomind",
+    "hardware": None,  # profile name or YAML path; default: the profile matching the GPU
+    "session_len": None,  # default: the profile's engine.max_context
+    "cache_max_entry_count": None,  # default: the profile's engine.gpu_memory_utilization
+    "enforce_eager": None,  # PyTorch engine only; default: the profile's engine.enforce_eager
+    "model_format": None,  # TurboMind only: "hf", "awq", "gptq"
+    "quant_policy": 0,  # KV-cache quantization: 0 (off), 4 or 8 bits
+    "tp": 1,
+}
+
+
+def engine_config(spec: ModelSpec, profile: HardwareProfile | None) -> tuple[str, dict[str, Any]]:
+    """(engine, keyword arguments of TurbomindEngineConfig / PytorchEngineConfig)."""
+    options = engine_options(spec, OPTIONS, "lmdeploy")
+    engine = options["engine"]
+    if engine not in ENGINES:
+        raise EdgelmmError(f"unknown lmdeploy engine '{engine}'", f"choose one of: {', '.join(ENGINES)}")
+    if options["quant_policy"] not in (0, 4, 8):
+        raise EdgelmmError(f"quant_policy must be 0, 4 or 8, got {options['quant_policy']}")
+    defaults = profile.engine if profile else EngineDefaults()
+    args: dict[str, Any] = {
+        "session_len": options["session_len"] or defaults.max_context,
+        "cache_max_entry_count": options["cache_max_entry_count"] or defaults.gpu_memory_utilization,
+        "tp": options["tp"],
+        "quant_policy": options["quant_policy"],
+        "dtype": "auto" if spec.dtype in ("auto", "float32") else spec.dtype,
+    }
+    if engine == "turbomind" and options["model_format"]:
+        args["model_format"] = options["model_format"]
+    if engine == "pytorch":
+        args["eager_mode"] = defaults.enforce_eager if options["enforce_eager"] is None else bool(options["enforce_eager"])
+    return engine, args
+
+
+def generation_config(params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments of `lmdeploy.GenerationConfig`. LMDeploy samples only with do_sample and
+    keeps top_k=50 by default: both are set so that temperature 0 is greedy and top_k 0 is off."""
+    args: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens, "do_sample": not params.greedy,
+        "temperature": params.temperature if not params.greedy else 1.0,
+        "top_p": params.top_p, "top_k": params.top_k,
+    }
+    if params.seed is not None:
+        args["random_seed"] = params.seed
+    if params.stop:
+        args["stop_words"] = list(params.stop)
+    if params.logprobs:
+        args["logprobs"] = 1
+    return args
+
+
+def prompt(request: Request) -> Any:
+    """LMDeploy's prompt form: text, or (text, images) for a VLM; the pipeline applies the template."""
+    return (request.prompt, list(request.images)) if request.images else request.prompt
+
+
+class LMDeployBackend(Backend):
+    name = "lmdeploy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pipe: Any = None
+        self._gen_cls: Any = None
+        self.engine = ""
+
+    def load(self, spec: ModelSpec) -> None:
+        try:
+            import lmdeploy
+        except ImportError:
+            raise MissingExtraError("the lmdeploy backend", "lmdeploy", "lmdeploy") from None
+        import torch
+
+        from edgelmm.hardware import guess_profile, load_profile
+
+        if any(m.strip() != "none" for m in spec.methods):
+            raise EdgelmmError("the lmdeploy backend cannot apply edgelmm methods to its model",
+                               "use LMDeploy's own options (e.g. model_format: awq) or the torch backend")
+        if not torch.cuda.is_available():
+            raise EdgelmmError("the lmdeploy backend needs a CUDA GPU", "use the torch or llamacpp backend on this machine")
+        hardware = engine_options(spec, OPTIONS, "lmdeploy")["hardware"]
+        profile = load_profile(hardware) if hardware else guess_profile("cuda")
+        self.engine, args = engine_config(spec, profile)
+        config_cls = lmdeploy.TurbomindEngineConfig if self.engine == "turbomind" else lmdeploy.PytorchEngineConfig
+        self.pipe = lmdeploy.pipeline(spec.path, backend_config=config_cls(**args), log_level="ERROR")
+        self._gen_cls = lmdeploy.GenerationConfig
+        self.spec = spec
+
+    def close(self) -> None:
+        if self.pipe is not None and hasattr(self.pipe, "close"):
+            self.pipe.close()
+        self.pipe = None
+
+    def device_name(self) -> str:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cuda"
+        return f"cuda ({gpu}, LMDeploy {self.engine})"
+
+    def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]:
+        if self.pipe is None:
+            raise EdgelmmError("the lmdeploy backend has no model loaded", "call load(spec) first")
+        t0 = time.perf_counter()
+        stamps: list[float] = []
+        ids: list[int] = []
+        logprobs: list[float] = []
+        text, finish, prompt_tokens = "", "length", 0
+        for out in self.pipe.stream_infer([prompt(request)], gen_config=self._gen_cls(**generation_config(params))):
+            now = time.perf_counter()
+            new_ids = list(out.token_ids or [])
+            stamps += [now] * len(new_ids)
+            ids += new_ids
+            for step, token in zip(out.logprobs or [], new_ids):
+                logprobs.append(step[token])
+            text += out.text
+            prompt_tokens = out.input_token_len or prompt_tokens
+            finish = out.finish_reason or finish
+            single = len(new_ids) == 1
+            yield TokenEvent(new_ids[0] if single else None, out.text, logprobs[-1] if single and logprobs else None, now - t0)
+        end = time.perf_counter()
+        result = Result(
+            text=text, token_ids=ids, logprobs=logprobs if params.logprobs else None,
+            timings=Timings(ttft_s=(stamps[0] if stamps else end) - t0,
+                            decode_s=[b - a for a, b in zip(stamps, stamps[1:])], e2e_s=end - t0),
+            counts=Counts(prompt_tokens, 0, len(ids)),
+            peak_memory_bytes=None,  # TurboMind reserves its cache up front; a peak says nothing
+            finish_reason="stop" if finish == "stop" else "length",
+        )
+        yield TokenEvent(None, "", None, end - t0, result=result)
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
+        """One request at a time through stream_infer, so every result has real token times."""
+        results = []
+        for request in requests:
+            *_, last = self.stream(request, params)
+            results.append(last.result)
+        return results

@@ -1,0 +1,1 @@
+"""Export checkpoints to other engines' formats (`edgelmm export ...`)."""

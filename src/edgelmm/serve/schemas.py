@@ -1,0 +1,149 @@
+"""Request bodies of the OpenAI API subset we serve, validated before anything reaches the model.
+
+Fields that clients routinely send but that change nothing here (user, metadata, ...) are
+ignored, as OpenAI-compatible servers do; fields that would change the answer and that we do not
+implement (n > 1, tools, penalties, logit_bias, JSON mode) are refused, so that nobody gets a
+silently different result. Two extensions, both as in vLLM: `top_k`, and `return_token_ids`
+(the answer carries the generated token ids, which lets a client time and compare tokens).
+`images` on /v1/completions (data URLs, placed by the model's own image placeholder in the
+prompt) is ours: draft–verify decoding of a VLM must score tokens that follow an image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server; every bound has an error that names it."""
+
+    max_body_bytes: int = 20 * 2**20
+    max_image_bytes: int = 10 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_images: int = 8
+    max_tokens: int = 1024  # the most a request may ask for; also chat's default
+    max_context: int | None = None  # prompt + generated tokens; None: the model's own
+    max_batch_size: int = 8
+    max_queue: int = 256
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageURL(_Body):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part] | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> Message:
+        if self.content is None:
+            raise ValueError(f"a {self.role} message needs content (tool calls are not supported)")
+        return self
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    return_token_ids: bool = False
+
+    @model_validator(mode="after")
+    def _supported(self) -> _Sampling:
+        if self.n != 1:
+            raise ValueError("only n=1 is supported; send several requests instead")
+        if self.presence_penalty or self.frequency_penalty or self.logit_bias:
+            raise ValueError("presence_penalty, frequency_penalty and logit_bias are not supported")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _chat_supported(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    images: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ValueError("one prompt per request: send several requests instead of a list of prompts")
+            self.prompt = prompt[0]
+        if self.prompt in ("", []):
+            raise ValueError("the prompt is empty")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 only makes sense with echo (to score the prompt)")
+        if self.max_tokens == 0 and self.stream:
+            raise ValueError("max_tokens 0 cannot be streamed")
+        return self

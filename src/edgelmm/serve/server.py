@@ -1,0 +1,95 @@
+"""Start the server: `run_server` in the foreground (the CLI), `BackgroundServer` in a thread
+(tests and benchmarks, which talk to it over loopback like any client)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from edgelmm.config import ModelSpec
+from edgelmm.errors import EdgelmmError, MissingExtraError
+from edgelmm.serve.schemas import Limits
+
+
+def _uvicorn() -> Any:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise MissingExtraError("the OpenAI-compatible server", "serve", exc.name or "fastapi") from None
+    return uvicorn
+
+
+def build(spec: ModelSpec, backend: str = "torch", api_key: str | None = None, allow_local_files: bool = False,
+          limits: Limits | None = None, served_name: str | None = None) -> tuple[Any, Any]:
+    """(app, engine): the model loaded into `backend` (methods in spec.methods applied at load)."""
+    _uvicorn()
+    from edgelmm.backends.registry import load
+    from edgelmm.serve.app import ServerConfig, create_app
+    from edgelmm.serve.engine import Engine
+
+    limits = limits or Limits()
+    engine = Engine(load(spec, backend), limits.max_batch_size, limits.max_queue, limits.max_context)
+    config = ServerConfig(served_name or spec.display_name, api_key, allow_local_files, limits)
+    return create_app(engine, config), engine
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_server(spec: ModelSpec, backend: str = "torch", host: str = "127.0.0.1", port: int = 8000,
+               api_key: str | None = None, allow_local_files: bool = False, limits: Limits | None = None,
+               served_name: str | None = None, log_level: str = "info") -> None:
+    """Serve until interrupted. Binding beyond loopback without an API key gets a warning."""
+    uvicorn = _uvicorn()
+    app, engine = build(spec, backend, api_key, allow_local_files, limits, served_name)
+    if not _is_loopback(host) and api_key is None:
+        print(f"edgelmm: warning: serving on {host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+        engine.backend.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """`with BackgroundServer(app) as server: httpx.get(server.url + "/health")` — loopback only."""
+
+    def __init__(self, app: Any, port: int | None = None, host: str = "127.0.0.1"):
+        uvicorn = _uvicorn()
+        self.host, self.port = host, port or free_port(host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, name="edgelmm-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise EdgelmmError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

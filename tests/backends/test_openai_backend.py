@@ -1,0 +1,120 @@
+"""The openai backend against our own server on 127.0.0.1: the same answers as the model in
+process, client-side timings, retries with back-off, and clear errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from edgelmm import EdgelmmError, ModelSpec, Request, SamplingParams, load  # noqa: E402
+from edgelmm.serve import BackgroundServer, Limits, build  # noqa: E402
+from edgelmm.serve.server import free_port  # noqa: E402
+from tests.tiny_models import make_image, save_tiny  # noqa: E402
+
+MODEL = "tiny-llava"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    path = save_tiny("llava", tmp_path_factory.mktemp("openai") / MODEL)
+    app, engine = build(ModelSpec(path=str(path), device="cpu"), api_key="k", served_name=MODEL)
+    with BackgroundServer(app) as server:
+        yield server, engine
+    engine.close()
+
+
+def remote(server, **options):
+    return load(ModelSpec(path=MODEL, options={"base_url": server.url + "/v1", "api_key": "k", "return_token_ids": True,
+                                               "backoff_s": 0.01, **options}), backend="openai")
+
+
+def requests() -> list[Request]:
+    return [Request("What color is the circle?", [make_image(seed=i)]) for i in range(3)] + [Request("Hello!")]
+
+
+def test_same_greedy_answers_as_in_process(served):
+    server, engine = served
+    params = SamplingParams(max_new_tokens=6, logprobs=True)
+    local = [engine.backend.generate([r], params)[0] for r in requests()]
+    with remote(server) as backend:
+        results = backend.generate(requests(), params)
+    for here, there in zip(local, results):
+        assert there.token_ids == here.token_ids and there.text == here.text
+        assert there.logprobs == pytest.approx(here.logprobs, abs=1e-4)
+        assert there.counts.prompt_tokens == here.counts.prompt_tokens
+        assert there.counts.generated_tokens == len(here.token_ids)
+        assert there.finish_reason == here.finish_reason
+
+
+def test_client_side_timings_and_stream(served):
+    server, _ = served
+    with remote(server) as backend:
+        events = list(backend.stream(requests()[0], SamplingParams(max_new_tokens=8)))
+        result = events[-1].result
+        assert backend.device_name().startswith("remote (http://127.0.0.1")
+    token_events = [e for e in events[:-1] if e.token_id is not None]
+    assert [e.token_id for e in token_events] == result.token_ids
+    assert "".join(e.text for e in events) == result.text
+    t = result.timings
+    assert 0 < t.ttft_s <= t.e2e_s and len(t.decode_s) == len(result.token_ids) - 1 and all(d >= 0 for d in t.decode_s)
+    times = [e.time_s for e in events]
+    assert times == sorted(times)
+    assert result.peak_memory_bytes is None
+
+
+def test_without_token_ids_it_counts_text_pieces(served):
+    server, _ = served
+    with remote(server, return_token_ids=False) as backend:
+        [result] = backend.generate([Request("Hello!")], SamplingParams(max_new_tokens=5))
+    assert result.token_ids == [] and result.counts.generated_tokens >= 1 and result.text is not None
+
+
+def test_wrong_model_key_or_option_fail_at_load(served):
+    server, _ = served
+    with pytest.raises(EdgelmmError, match="does not serve 'nope'.*tiny-llava"):
+        load(ModelSpec(path="nope", options={"base_url": server.url + "/v1", "api_key": "k"}), backend="openai")
+    with pytest.raises(EdgelmmError, match="401.*API key"):
+        load(ModelSpec(path=MODEL, options={"base_url": server.url + "/v1", "api_key": "bad"}), backend="openai")
+    with pytest.raises(EdgelmmError, match="unknown option.*bse_url"):
+        load(ModelSpec(path=MODEL, options={"bse_url": server.url}), backend="openai")
+    with pytest.raises(EdgelmmError, match="base_url"):
+        load(ModelSpec(path=MODEL), backend="openai")
+
+
+def test_request_errors_are_not_retried(served):
+    server, _ = served
+    with remote(server, retries=5, backoff_s=1.0) as backend:
+        start = time.monotonic()
+        with pytest.raises(EdgelmmError, match="400.*context"):
+            backend.generate([Request("circle " * 1200)], SamplingParams(max_new_tokens=4))
+        assert time.monotonic() - start < 1.0  # no back-off sleeps
+
+
+def test_connection_errors_are_retried_then_reported():
+    port = free_port()  # nothing listens here
+    start = time.monotonic()
+    with pytest.raises(EdgelmmError, match="cannot reach"):
+        load(ModelSpec(path=MODEL, options={"base_url": f"http://127.0.0.1:{port}/v1", "retries": 2, "backoff_s": 0.1}),
+             backend="openai")
+    assert time.monotonic() - start >= 0.1 + 0.2  # two back-off waits: 0.1 s, then 0.2 s
+
+
+def test_busy_server_is_retried(tmp_path):
+    """503 (queue full) is retried with back-off: a server with no queue room answers 503 every time."""
+    path = save_tiny("qwen2", tmp_path / "m")
+    app, engine = build(ModelSpec(path=str(path), device="cpu"), limits=Limits(max_queue=0), served_name="m")
+    with BackgroundServer(app) as server:
+        backend = load(ModelSpec(path="m", options={"base_url": server.url + "/v1", "retries": 2, "backoff_s": 0.01}),
+                       backend="openai")
+        with pytest.raises(EdgelmmError, match="503.*busy"):
+            backend.generate([Request("hi")], SamplingParams(max_new_tokens=2))
+        backend.close()
+        import httpx
+
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'edgelmm_requests_total{route="/v1/chat/completions",status="503"} 3' in metrics  # 1 try + 2 retries
+    engine.close()
