@@ -2,12 +2,15 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup setup-dev demo test
 setup:
 	@bash scripts/setup.sh
+
+setup-dev:
+	@bash scripts/setup.sh dev
 
 demo: setup
 	$(BIN)/edgelmm demo
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest

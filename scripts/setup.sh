@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install edgelmm with its test tools.
+# Create .venv and install edgelmm: `scripts/setup.sh` for the package alone (what the demo
+# needs), `scripts/setup.sh dev` with the test tools and the engines the tests run.
 #
 # PyTorch: a torch that Python can already import (a CUDA build on a GPU machine, say) is kept,
 # since the venv sees system packages; otherwise a machine with an NVIDIA driver gets the
@@ -9,8 +10,10 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
-stamp="$VENV/.edgelmm-installed"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+EXTRAS=${1:-}
+target=$([ -n "$EXTRAS" ] && echo ".[$EXTRAS]" || echo ".")
+stamp="$VENV/.edgelmm-installed-${EXTRAS:-base}"
+want=$( (cat pyproject.toml scripts/setup.sh; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -33,7 +36,9 @@ urllib.request.urlopen("https://download.pytorch.org/whl/cpu/torch/", timeout=3)
 PY
   pip install -q "torch==$TORCH_CPU_VERSION" "${extra[@]}"
 fi
-echo "setup: installing edgelmm[dev] (the first time, llama-cpp-python compiles from source: about 10 min on 2 cores)"
-pip install -q -e ".[dev]"
+if [ "$EXTRAS" = dev ]; then
+  echo "setup: installing edgelmm[dev] (the first time, llama-cpp-python compiles from source: about 10 min on 2 cores)"
+fi
+pip install -q -e "$target"
 echo "$want" > "$stamp"
 echo "setup: done ($(python -c 'import torch; print("torch", torch.__version__)'))"
