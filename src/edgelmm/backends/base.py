@@ -34,6 +34,15 @@ class Timings:
     decode_s: list[float]
     e2e_s: float
 
+    @classmethod
+    def from_stamps(cls, t0: float, stamps: list[float], end: float) -> Timings:
+        """From the clock readings at which each token was known (start t0, finish end)."""
+        return cls(
+            ttft_s=(stamps[0] if stamps else end) - t0,
+            decode_s=[b - a for a, b in zip(stamps, stamps[1:])],
+            e2e_s=end - t0,
+        )
+
     @property
     def tpot_s(self) -> float | None:
         """Median time per output token after the first; None for a single token."""
@@ -88,6 +97,14 @@ class Backend(ABC):
 
     @abstractmethod
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]: ...
+
+    def generate_sequentially(self, requests: list[Request], params: SamplingParams) -> list[Result]:
+        """`generate` for engines that run one sequence at a time: each result from its own stream."""
+        results = []
+        for request in requests:
+            *_, last = self.stream(request, params)
+            results.append(last.result)
+        return results
 
     def device_name(self) -> str:
         """Where the model runs, in words (for reports)."""

@@ -261,18 +261,13 @@ class LlamaCppBackend(Backend):
         if len(final) > len(text) and final.startswith(text):
             yield TokenEvent(None, final[len(text):], None, time.perf_counter() - t0)
         end = time.perf_counter()
-        n = max(len(ids), 1)
         result = Result(
             text=final, token_ids=ids, logprobs=logprobs if params.logprobs else None,
-            timings=Timings(ttft_s=stamps[0] - t0, decode_s=[b - a for a, b in zip(stamps[:n], stamps[1:n])], e2e_s=end - t0),
+            timings=Timings.from_stamps(t0, stamps[: max(len(ids), 1)], end),
             counts=Counts(len(prompt), 0, len(ids)), peak_memory_bytes=peak.bytes, finish_reason=finish,
         )
         yield TokenEvent(None, "", None, end - t0, result=result)
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
         """One request after another: llama-cpp-python runs one sequence per context."""
-        results = []
-        for request in requests:
-            *_, last = self.stream(request, params)
-            results.append(last.result)
-        return results
+        return self.generate_sequentially(requests, params)

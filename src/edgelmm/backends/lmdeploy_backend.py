@@ -145,8 +145,7 @@ class LMDeployBackend(Backend):
         end = time.perf_counter()
         result = Result(
             text=text, token_ids=ids, logprobs=logprobs if params.logprobs else None,
-            timings=Timings(ttft_s=(stamps[0] if stamps else end) - t0,
-                            decode_s=[b - a for a, b in zip(stamps, stamps[1:])], e2e_s=end - t0),
+            timings=Timings.from_stamps(t0, stamps, end),
             counts=Counts(prompt_tokens, 0, len(ids)),
             peak_memory_bytes=None,  # TurboMind reserves its cache up front; a peak says nothing
             finish_reason="stop" if finish == "stop" else "length",
@@ -155,8 +154,4 @@ class LMDeployBackend(Backend):
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
         """One request at a time through stream_infer, so every result has real token times."""
-        results = []
-        for request in requests:
-            *_, last = self.stream(request, params)
-            results.append(last.result)
-        return results
+        return self.generate_sequentially(requests, params)

@@ -234,8 +234,7 @@ class OpenAIBackend(Backend):
         generated = (usage or {}).get("completion_tokens", len(stamps))
         result = Result(
             text=text, token_ids=ids, logprobs=logprobs if params.logprobs else None,
-            timings=Timings(ttft_s=(stamps[0] if stamps else end) - t0,
-                            decode_s=[b - a for a, b in zip(stamps, stamps[1:])], e2e_s=end - t0),
+            timings=Timings.from_stamps(t0, stamps, end),
             counts=Counts((usage or {}).get("prompt_tokens", 0), 0, generated),
             peak_memory_bytes=None, finish_reason="stop" if finish == "stop" else "length",
         )

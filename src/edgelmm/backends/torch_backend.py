@@ -180,18 +180,11 @@ class TorchBackend(Backend):
             cut = text.find(stop)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
-        n = max(len(row_ids), 1)
-        steps = stamps[:n]
-        timings = Timings(
-            ttft_s=(steps[0] - t0) if steps else t_end - t0,
-            decode_s=[b - a for a, b in zip(steps, steps[1:])],
-            e2e_s=t_end - t0,
-        )
         return Result(
             text=text,
             token_ids=row_ids,
             logprobs=row_logprobs[: len(row_ids)] if row_logprobs is not None else None,
-            timings=timings,
+            timings=Timings.from_stamps(t0, stamps[: max(len(row_ids), 1)], t_end),
             counts=Counts(prompt_tokens, visual_tokens, len(row_ids)),
             peak_memory_bytes=peak,
             finish_reason=finish,
