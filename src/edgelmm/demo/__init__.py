@@ -1,0 +1,21 @@
+"""The bundled demo: a synthetic shapes world and two tiny LLaVA models trained on it.
+
+The checkpoints are plain Hugging Face folders (LlavaForConditionalGeneration + LlavaProcessor),
+so that everything in edgelmm — backends, pruning, quantization, edge–cloud collaboration — can
+be run and scored end to end without downloading anything. `shapes-vlm-s` plays the edge
+model, `shapes-vlm-l` the several-times-larger cloud model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_MODELS = ("shapes-vlm-s", "shapes-vlm-l")
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+
+
+def checkpoint_path(name: str) -> Path:
+    """Folder of a bundled demo checkpoint, loadable with `from_pretrained`."""
+    if name not in DEMO_MODELS:
+        raise ValueError(f"unknown demo model {name!r}: the bundled demo models are {', '.join(DEMO_MODELS)}")
+    return CHECKPOINTS / name

@@ -1,0 +1,331 @@
+"""Train a shapes-world VLM from scratch and save it as a plain Hugging Face checkpoint.
+
+    python -m edgelmm.demo.train --name shapes-vlm-s --seed 0 --out DIR [--device cuda] [--steps N | --minutes M]
+
+The model is a standard `LlavaForConditionalGeneration` (CLIP vision tower, Llama language
+model) so that every backend and method of edgelmm can treat it like a real LLaVA. Samples are
+drawn on the fly from the shapes world: batch k of run seed s uses world seed
+`TRAIN_SEED_BASE + s * SEED_STRIDE + 2k` (VQA) and `... + 2k + 1` (captions), never an
+evaluation seed. The loss is on answer tokens only, as in LLaVA's instruction tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from edgelmm.demo import shapes
+from edgelmm.demo.tokenizer import CHAT_TEMPLATE, IMAGE, build_tokenizer, prompt_text
+
+PATCH = 8
+IMAGE_TOKENS = (shapes.IMAGE_SIZE // PATCH) ** 2  # CLS is dropped ("default" strategy)
+SEED_STRIDE = 10_000_000  # world seeds per run seed: no two run seeds share a batch
+EVAL_SEED = 0
+_PROBE = (100, 200)  # steps timed by `train(minutes=...)`: past start-up, inside warm-up
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Size and schedule of one demo model; a run is fully described by (preset, seed, steps)."""
+
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    steps: int
+    lr: float
+    batch_size: int = 256
+    warmup: int = 300
+    weight_decay: float = 0.05
+    caption_fraction: float = 0.25  # captions name every attribute: a dense signal for perception
+
+
+# Steps are what the shipped checkpoints ran: fitted to 7.5 min on a shared H100 (`--minutes`);
+# see benchmarks/demo_training/README.md.
+PRESETS: dict[str, Preset] = {
+    "shapes-vlm-s": Preset(vision_hidden=128, vision_layers=3, vision_heads=4,
+                           text_hidden=192, text_layers=4, text_heads=4, steps=3738, lr=2e-3),
+    "shapes-vlm-l": Preset(vision_hidden=256, vision_layers=4, vision_heads=8,
+                           text_hidden=320, text_layers=6, text_heads=8, steps=2066, lr=1e-3),
+}
+
+
+def build_model(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=preset.vision_hidden, intermediate_size=4 * preset.vision_hidden,
+        num_hidden_layers=preset.vision_layers, num_attention_heads=preset.vision_heads,
+        image_size=shapes.IMAGE_SIZE, patch_size=PATCH, projection_dim=preset.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=preset.text_hidden, intermediate_size=3 * preset.text_hidden,
+        num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
+        num_key_value_heads=preset.text_heads, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_seq_length=IMAGE_TOKENS, vision_feature_select_strategy="default",
+        vision_feature_layer=-1,  # LLaVA takes the penultimate layer; a 3-4 layer tower has none to spare
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64,
+    )
+    return model
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    """CLIP preprocessing at 96 px: shapes-world images pass through unchanged, only normalised
+    (which `_normalise` reproduces on the device during training)."""
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": shapes.IMAGE_SIZE}, crop_size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE, image_token=IMAGE,
+    )
+
+
+def _normalise(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 NCHW → what the CLIP image processor gives for the same 96 px images."""
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return ((pixels.float() / 255.0 - mean) / std).to(dtype)
+
+
+def encode(samples: list[shapes.Sample], tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
+    """Token ids exactly as processor + chat template make them, with labels on the answer only.
+
+    Images stay uint8 here (4× less to move between processes); `_normalise` runs on the device.
+    """
+    image_id, eos, pad = tokenizer.convert_tokens_to_ids(IMAGE), tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = tokenizer([prompt_text(s.question) for s in samples], add_special_tokens=False).input_ids
+    answers = tokenizer([s.answer for s in samples], add_special_tokens=False).input_ids
+    ids = torch.full((len(samples), max(len(p) + IMAGE_TOKENS + len(a) for p, a in zip(prompts, answers))), pad)
+    labels = torch.full_like(ids, -100)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        prompt = [t for tok in prompt for t in ([tok] * IMAGE_TOKENS if tok == image_id else [tok])]
+        target = answer + [eos]
+        ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+        labels[row, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
+    pixels = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).contiguous()
+    return {"input_ids": ids, "attention_mask": (ids != pad).long(), "labels": labels, "pixels": pixels}
+
+
+class _Batches(IterableDataset):
+    """Batch k of the training stream; DataLoader workers take every n-th k, so the stream is
+    the same whatever the number of workers."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int, steps: int):
+        self.tokenizer, self.preset, self.steps = tokenizer, preset, steps
+        self.base = shapes.TRAIN_SEED_BASE + seed * SEED_STRIDE
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        n_caption = round(self.preset.batch_size * self.preset.caption_fraction)
+        samples = shapes.generate(self.preset.batch_size - n_caption, self.base + 2 * k, "vqa")
+        samples += shapes.generate(n_caption, self.base + 2 * k + 1, "caption")
+        return encode(samples, self.tokenizer)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return (self.batch(k) for k in range(worker, self.steps, workers))
+
+
+def _lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up, then cosine decay to 5 % of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int,
+          device: str, steps: int | None = None, minutes: float | None = None) -> tuple[int, list[dict]]:
+    """AdamW + cosine over `steps`; returns (steps run, logged history).
+
+    With `minutes` instead, the step count is fitted to that much wall-clock time from the
+    speed of steps 100..200 (all in warm-up, whose schedule does not depend on the total), so the
+    run equals one made with `steps` set to the count it picked: a fixed time limit, as on a lent
+    GPU, is used fully and the result stays reproducible.
+    """
+    if (steps is None) == (minutes is None):
+        raise ValueError("give exactly one of steps and minutes")
+    if minutes is not None and preset.warmup <= _PROBE[1]:
+        raise ValueError(f"fitting steps to minutes needs a warm-up longer than {_PROBE[1]} steps")
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    cuda = device == "cuda"
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=preset.lr, betas=(0.9, 0.98), fused=cuda,
+    )
+    total = steps or 10**7  # with `minutes`, fixed once the probe has run
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, preset.warmup, total))
+    loader = DataLoader(_Batches(tokenizer, preset, seed, total), batch_size=None, pin_memory=cuda,
+                        num_workers=min(4, (os.cpu_count() or 4) // 4) if cuda else 0)
+    history, start, probe_start = [], time.perf_counter(), 0.0
+    bar = tqdm(total=steps, desc="train", mininterval=5, file=sys.stdout)
+    for step, batch in enumerate(loader):
+        if step == total:
+            break
+        if minutes is not None and step == _PROBE[0]:
+            probe_start = time.perf_counter()
+        if minutes is not None and step == _PROBE[1]:
+            per_step = (time.perf_counter() - probe_start) / (_PROBE[1] - _PROBE[0])
+            total = max(step + 1, int((60 * minutes - (time.perf_counter() - start)) / per_step) + step)
+            bar.total = total
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         pixel_values=_normalise(batch["pixels"], torch.float32)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.update()
+        if step % 50 == 0:
+            seconds = round(time.perf_counter() - start, 1)
+            history.append({"step": step, "loss": round(loss.item(), 5), "seconds": seconds})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+    bar.close()
+    return total, history
+
+
+def normalise_answer(text: str) -> str:
+    """The scoring rule of the demo: case, surrounding space and a final full stop don't count."""
+    return text.strip().lower().removesuffix(".").strip()
+
+
+@torch.no_grad()
+def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, samples: list[shapes.Sample],
+           batch_size: int = 64) -> list[str]:
+    """Greedy answers through the public path (chat template + processor + generate)."""
+    model.eval()
+    replies = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+            add_generation_prompt=True) for s in chunk]
+        inputs = processor(images=[s.image for s in chunk], text=texts, padding=True, return_tensors="pt")
+        inputs = inputs.to(model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        longest = 64 if any(s.kind == "caption" for s in chunk) else 8
+        out = model.generate(**inputs, max_new_tokens=longest, do_sample=False)
+        replies += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return replies
+
+
+def evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor, samples: list[shapes.Sample]) -> dict:
+    """Exact-match accuracy overall and per question kind."""
+    hits: dict[str, list[bool]] = {}
+    for s, reply in zip(samples, answer(model, processor, samples)):
+        hits.setdefault(s.kind, []).append(normalise_answer(reply) == normalise_answer(s.answer))
+    every = [h for kind in hits.values() for h in kind]
+    return {"accuracy": sum(every) / len(every), "n": len(every),
+            "by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}}
+
+
+def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: Path, record: dict) -> None:
+    """Write the checkpoint into a temporary sibling and rename it into place: a reader never
+    sees half a checkpoint. Weights are stored as float16 (half the bytes; the shipped models
+    score the same before and after), while the config keeps float32 so that a plain
+    `from_pretrained` computes in float32, which is what a CPU runs fastest."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(0o755)
+    half = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp, state_dict=half)
+    processor.save_pretrained(tmp)
+    write_json(tmp / "training.json", record)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: write a sibling, then replace."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run(name: str, preset: Preset, seed: int, out: Path, device: str, steps: int | None = None,
+        minutes: float | None = None, eval_samples: int = 500) -> dict:
+    """Build, train, evaluate on unseen world seed `EVAL_SEED`, save; returns the run's record."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before DataLoader workers fork
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    model, processor = build_model(preset, tokenizer), build_processor(tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {params / 1e6:.2f}M parameters, batches of {preset.batch_size} on {device}")
+
+    start = time.perf_counter()
+    steps, history = train(model, tokenizer, preset, seed, device, steps=steps, minutes=minutes)
+    record = {"name": name, "seed": seed, "steps": steps, "preset": asdict(replace(preset, steps=steps)),
+              "parameters": params,
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+              "train_seconds": round(time.perf_counter() - start, 1), "history": history}
+    save(model, processor, out, record)  # before evaluating: a failed evaluation loses no training
+    vqa = evaluate(model, processor, shapes.generate(eval_samples, EVAL_SEED, "vqa"))
+    captions = evaluate(model, processor, shapes.generate(eval_samples // 5, EVAL_SEED, "caption"))
+    record |= {"eval_seed": EVAL_SEED, "vqa": vqa, "caption": {k: v for k, v in captions.items() if k != "by_kind"}}
+    write_json(out / "training.json", record)
+    print(json.dumps({k: v for k, v in record.items() if k != "history"}))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgelmm.demo.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--name", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and training-stream seed")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="override the preset's number of steps")
+    budget.add_argument("--minutes", type=float, help="fit the number of steps to this much training time")
+    parser.add_argument("--eval-samples", type=int, default=500, help=f"VQA samples of world seed {EVAL_SEED}")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.name]
+    run(args.name, preset, args.seed, args.out, args.device, minutes=args.minutes,
+        steps=None if args.minutes else args.steps or preset.steps, eval_samples=args.eval_samples)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
