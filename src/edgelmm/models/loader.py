@@ -93,6 +93,11 @@ def load_model(spec: ModelSpec) -> tuple[torch.nn.Module, Any, ModelAdapter, tor
 
     path = resolve_model_path(spec.path)
     config = read_config(path)
+    if config.get("quantization_config", {}).get("quant_method") in ("compressed-tensors", "awq"):
+        # W4A16 checkpoints run on edgelmm's own packed kernels (either layout it writes).
+        from edgelmm.methods.quantization import load_quantized_model
+
+        return load_quantized_model(spec)
     cls = adapter_class(config["model_type"])
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)

@@ -1,0 +1,208 @@
+"""Calibration data: text from a source, tokenized and cut into the batches AWQ runs.
+
+Sources (see `CalibrationConfig.source`): the shapes world's captions (built in, drawn from
+training seeds so they never overlap evaluation pictures), a local .txt file (one text per
+paragraph) or .jsonl file (one object per line, text under `text_field`), a folder written by
+`datasets.save_to_disk`, or `hf:NAME[:SPLIT]`, a Hugging Face dataset found in the local cache
+with `local_files_only=True`: nothing is ever downloaded.
+
+For a VLM, `shapes-images` calibrates on what its language model reads in deployment: shapes-world
+questions and captions with their pictures, through the model's own processor and chat template,
+the reference answer appended, so image tokens are among the activations AWQ scales for.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgelmm.errors import EdgelmmError, MissingExtraError
+from edgelmm.methods.quantization.config import CalibrationConfig
+from edgelmm.models.base import ModelAdapter
+
+IMAGE_SOURCE = "shapes-images"
+
+
+@dataclass
+class CalibrationBatch:
+    """Token ids [batch, seq], the mask of real (non-padding) tokens, and the processor's other
+    model inputs (pixel values, image grids) for image samples."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _shapes_texts(seed: int) -> Iterator[str]:
+    """An endless stream of captions from training seeds (the evaluation seeds stay unseen)."""
+    from edgelmm.demo import shapes
+
+    for stream in itertools.count(shapes.TRAIN_SEED_BASE + 7_000_000 + seed * 100_000):
+        yield from (sample.answer for sample in shapes.generate(64, stream, task="caption"))
+
+
+def _file_texts(path: Path, text_field: str) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdgelmmError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if path.suffix != ".jsonl":
+        return [p.strip() for p in raw.split("\n\n") if p.strip()]
+    texts = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EdgelmmError(f"{path}:{number}: invalid JSON ({exc.msg})", "write one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise EdgelmmError(f"{path}:{number}: no string field '{text_field}'", "set the text field with --calib-field")
+        texts.append(record[text_field])
+    return texts
+
+
+def _dataset_texts(source: str, text_field: str) -> list[str]:
+    """Texts of a Hugging Face dataset on disk: a save_to_disk folder or a cached hub dataset."""
+    try:
+        import datasets
+    except ImportError:
+        raise MissingExtraError("calibration from a Hugging Face dataset", "quant", "datasets") from None
+    if source.startswith("hf:"):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        name, _, split = source[3:].partition(":")
+        try:
+            local = snapshot_download(name, repo_type="dataset", local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise EdgelmmError(
+                f"Hugging Face dataset '{name}' is not in the local cache", "download it first; edgelmm never downloads"
+            ) from None
+        data = datasets.load_dataset(local, split=split or "train")
+    else:
+        data = datasets.load_from_disk(source)
+        if isinstance(data, datasets.DatasetDict):
+            data = data["train"] if "train" in data else next(iter(data.values()))
+    if text_field not in data.column_names:
+        raise EdgelmmError(f"dataset {source} has no column '{text_field}'", f"columns: {', '.join(data.column_names)}")
+    return [t for t in data[text_field] if isinstance(t, str) and t.strip()]
+
+
+def calibration_texts(config: CalibrationConfig) -> Iterator[str]:
+    """The source's texts; finite sources are shuffled with the config's seed, as AutoAWQ does."""
+    source = config.source
+    if source == "shapes":
+        return _shapes_texts(config.seed)
+    path = Path(source).expanduser()
+    if source.startswith("hf:"):
+        texts = _dataset_texts(source, config.text_field)
+    elif path.is_dir():
+        texts = _dataset_texts(str(path), config.text_field)
+    elif path.is_file():
+        texts = _file_texts(path, config.text_field)
+    else:
+        raise EdgelmmError(
+            f"calibration source not found: {source}",
+            "use 'shapes', a .txt / .jsonl file, a datasets folder, or hf:NAME[:SPLIT] of a cached dataset",
+        )
+    random.Random(config.seed).shuffle(texts)
+    return iter(texts)
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def calibration_batches(tokenizer: Any, config: CalibrationConfig) -> list[CalibrationBatch]:
+    """Tokenize the source's texts into batches of `config.batch_size` samples.
+
+    Raises a clear error when the source yields no token at all (an empty file, say).
+    """
+    eos = tokenizer.eos_token_id
+    texts = calibration_texts(config)
+    if config.concat:
+        samples = _blocks(tokenizer, texts, config, eos)
+    else:
+        samples = []
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: config.max_seq_len]
+            if ids:
+                samples.append(ids)
+            if len(samples) == config.num_samples:
+                break
+    if not samples:
+        raise EdgelmmError(f"the calibration set is empty: {config.source} yields no text", "give a source with text in it")
+    if not config.concat and not config.padding:  # ragged: one sample per batch
+        return [_batch([ids], len(ids), tokenizer) for ids in samples]
+    chunks = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
+    return [_batch(chunk, max(map(len, chunk)), tokenizer) for chunk in chunks]
+
+
+def _blocks(tokenizer: Any, texts: Iterator[str], config: CalibrationConfig, eos: int | None) -> list[list[int]]:
+    """Texts joined (with EOS between them) and cut into blocks of exactly max_seq_len tokens;
+    a source too short for one whole block gives one shorter block rather than nothing."""
+    need = config.num_samples * config.max_seq_len
+    stream: list[int] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream += ids + ([eos] if eos is not None else [])
+        if len(stream) >= need:
+            break
+    n = config.max_seq_len
+    blocks = [stream[i : i + n] for i in range(0, min(len(stream), need) - n + 1, n)]
+    return blocks or ([stream] if stream else [])
+
+
+def _batch(samples: list[list[int]], length: int, tokenizer: Any) -> CalibrationBatch:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(samples), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):  # right padding: causal attention never sees it
+        ids[row, : len(sample)] = torch.tensor(sample)
+        mask[row, : len(sample)] = 1
+    return CalibrationBatch(ids, mask)
+
+
+def image_calibration_batches(adapter: ModelAdapter, config: CalibrationConfig) -> list[CalibrationBatch]:
+    """`num_samples` shapes-world conversations (half questions, half captions), one per batch.
+
+    Each is the chat prompt with its picture followed by the reference answer and EOS; nothing is
+    truncated, since cutting into an image's tokens would break the model's input.
+    """
+    from edgelmm.demo import shapes
+    from edgelmm.tasks.perplexity import append_answer
+
+    if not adapter.multimodal:
+        raise EdgelmmError(f"'{IMAGE_SOURCE}' calibration needs a vision-language model", "use 'shapes' (captions as text)")
+    seed = shapes.TRAIN_SEED_BASE + 8_000_000 + config.seed * 100_000
+    half = config.num_samples // 2
+    samples = shapes.generate(config.num_samples - half, seed, task="vqa") + shapes.generate(half, seed + 1, task="caption")
+    eos = [adapter.tokenizer.eos_token_id] if adapter.tokenizer.eos_token_id is not None else []
+    batches = []
+    for sample in samples:
+        answer = torch.tensor(adapter.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + eos)
+        inputs = append_answer(adapter.build_inputs(sample.question, [sample.image]), answer)
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        batches.append(CalibrationBatch(ids, mask, inputs))
+    return batches
+
+
+def calibration_data(adapter: ModelAdapter, config: CalibrationConfig) -> list[CalibrationBatch]:
+    """The batches for `config.source`: image conversations or text through the tokenizer."""
+    if config.source == IMAGE_SOURCE:
+        return image_calibration_batches(adapter, config)
+    return calibration_batches(adapter.tokenizer, config)

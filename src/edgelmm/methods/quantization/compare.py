@@ -1,0 +1,146 @@
+"""Float and quantized models side by side: accuracy, perplexity, weight memory and decode speed.
+
+Each variant is a model (bundled name or checkpoint directory; quantized checkpoints load
+through edgelmm's own loader, so they run the QuantLinear kernels) plus, optionally, a method
+spec applied in memory (`rtn(w_bit=4)`, `awq(w_bit=4, group=128)`). Every variant is measured
+the same way: weight bytes (resident storages after loading), perplexity (captions given their
+image, or a text file with a sliding window), task accuracy and decode speed through the torch
+backend's own generate. One table, written atomically as report.md and results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from edgelmm.backends.base import Request
+from edgelmm.backends.torch_backend import TorchBackend
+from edgelmm.config import ModelSpec, SamplingParams
+from edgelmm.errors import EdgelmmError
+from edgelmm.methods import apply_method, check_method
+from edgelmm.methods.quantization.checkpoint import is_quantized_checkpoint, load_quantized_model
+from edgelmm.methods.quantization.linear import weight_bytes
+from edgelmm.models.base import ModelAdapter
+from edgelmm.models.loader import load_model, resolve_model_path
+from edgelmm.tasks import get_task
+from edgelmm.tasks.perplexity import caption_perplexity, read_text, text_perplexity
+from edgelmm.utils.io import atomic_write_text
+
+
+@dataclass
+class Row:
+    variant: str
+    weight_bytes: int
+    language_weight_bytes: int
+    perplexity: float | None
+    accuracy: float | None
+    decode_tok_s: float | None
+    quantize_s: float | None
+    device: str
+
+
+class _Loaded(TorchBackend):
+    """The torch backend around a model already built here (quantized in memory, say)."""
+
+    def __init__(self, spec: ModelSpec, model: nn.Module, processor: Any, adapter: ModelAdapter, device: torch.device):
+        super().__init__()
+        self.spec, self.model, self.processor, self.adapter, self.device = spec, model, processor, adapter, device
+
+
+def _load(path: str, method: str | None, device: str, dtype: str) -> tuple[_Loaded, float | None]:
+    spec = ModelSpec(path=path, device=device, dtype=dtype)
+    quantized = is_quantized_checkpoint(resolve_model_path(path))
+    model, processor, adapter, dev = (load_quantized_model if quantized else load_model)(spec)
+    seconds = None
+    if method is not None:
+        start = time.perf_counter()
+        model = apply_method(method, model, adapter)
+        seconds = time.perf_counter() - start
+    return _Loaded(spec, model, processor, adapter, dev), seconds
+
+
+def _language_bytes(adapter: ModelAdapter) -> int:
+    """Weights of the decoder layers alone (what quantization targets by default)."""
+    return sum(weight_bytes(layer) for layer in adapter.language_layers())
+
+
+def compare(
+    models: Sequence[str],
+    methods: Sequence[str] = (),
+    task: str = "shapes-vqa",
+    samples: int = 100,
+    perplexity: str = "shapes-caption",
+    perplexity_samples: int = 100,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_new_tokens: int = 8,
+    out: str | Path | None = None,
+) -> list[Row]:
+    """One row per variant: each model as it is, then the first model with each method applied.
+
+    `perplexity` is "shapes-caption" (captions given their picture, evaluation seeds) or a
+    .txt / .jsonl file (sliding window over the text); `task` is a registered task name, or ""
+    to skip accuracy. Samples are drawn once, so every variant sees the same ones.
+    """
+    for method in methods:
+        check_method(method)
+    variants = [(m, None) for m in models] + [(models[0], m) for m in methods]
+    task_samples = get_task(task).samples(samples) if task else []
+    caption_samples = get_task("shapes-caption").samples(perplexity_samples, seed=1) if perplexity == "shapes-caption" else []
+    text = read_text(perplexity) if perplexity and perplexity != "shapes-caption" else None
+    rows = []
+    for path, method in tqdm(variants, desc="variants", unit="model", file=sys.stderr):
+        backend, seconds = _load(path, method, device, dtype)
+        model, adapter = backend.model, backend.adapter
+        ppl = None
+        if caption_samples and not adapter.multimodal:
+            raise EdgelmmError(f"{path} is a text-only model: caption perplexity needs images", "pass a text file as --ppl")
+        if caption_samples:
+            ppl = caption_perplexity(model, adapter, [(s.prompt, s.images, s.reference) for s in caption_samples]).value
+        elif text is not None:
+            ppl = text_perplexity(model, adapter, text).value
+        accuracy = speed = None
+        if task_samples:
+            scorer = get_task(task)
+            params = SamplingParams(max_new_tokens=max_new_tokens)
+            results = [backend.generate([Request(s.prompt, list(s.images), s.id)], params)[0] for s in task_samples]
+            accuracy = statistics.fmean(scorer.score(r.text, s) for r, s in zip(results, task_samples))
+            steps = [d for r in results for d in r.timings.decode_s]
+            speed = 1 / statistics.median(steps) if steps else None
+        name = Path(path).name + (f" + {method}" if method else "")
+        rows.append(Row(name, weight_bytes(model), _language_bytes(adapter), ppl, accuracy, speed, seconds, backend.device_name()))
+        backend.close()
+    if out is not None:
+        out = Path(out)
+        atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        atomic_write_text(out / "report.md", format_rows(rows, markdown=True) + "\n")
+    return rows
+
+
+def format_rows(rows: Sequence[Row], markdown: bool = False) -> str:
+    """The comparison table; ratios are against the first row (the float model)."""
+    base = rows[0]
+    header = ["variant", "weights MiB", "x float", "LM layers MiB", "perplexity", "accuracy %", "decode tok/s", "device"]
+    body = []
+    for r in rows:
+        body.append([
+            r.variant, f"{r.weight_bytes / 2**20:.1f}", f"{r.weight_bytes / base.weight_bytes:.3f}",
+            f"{r.language_weight_bytes / 2**20:.2f}", "-" if r.perplexity is None else f"{r.perplexity:.4f}",
+            "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}", "-" if r.decode_tok_s is None else f"{r.decode_tok_s:.1f}",
+            r.device,
+        ])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *body])

@@ -1,0 +1,137 @@
+"""What to quantize and how: small frozen dataclasses, checked when made (as torchao's configs).
+
+`RTNConfig` rounds each weight group to the nearest level; `AWQConfig` first searches
+per-input-channel scales on calibration activations (and optionally a clipping range) and then
+rounds the same way. Both store weights as `bits`-bit integers with one scale (and, unless
+`symmetric`, one zero point) per `group_size` input channels, the W4A16 / W8A16 layout that
+compressed-tensors, vLLM and AutoAWQ share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from edgelmm.errors import EdgelmmError
+
+SUPPORTED_BITS = (4, 8)
+# Modules beyond the language model's decoder layers that may be quantized on request. The
+# embeddings never are: no engine reads a packed embedding table from these formats.
+EXTRA_TARGETS = ("lm_head", "vision_tower", "projector")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Shared by every method: the storage format of the quantized linear layers.
+
+    `extra` names modules quantized besides the language model's decoder layers (see
+    EXTRA_TARGETS); by default the vision tower, projector, embeddings and lm_head stay 16-bit,
+    as production toolchains keep them.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    extra: tuple[str, ...] = ()
+
+    method = "rtn"
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise EdgelmmError(
+                f"unsupported weight bits: {self.bits}", f"use one of {', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        per_word = 32 // self.bits
+        if self.group_size <= 0 or self.group_size % per_word:
+            raise EdgelmmError(
+                f"unsupported group size: {self.group_size}",
+                f"use a positive multiple of {per_word} that divides the layer widths, e.g. 128",
+            )
+        unknown = sorted(set(self.extra) - set(EXTRA_TARGETS))
+        if unknown:
+            raise EdgelmmError(f"unknown module(s) to quantize: {', '.join(unknown)}", f"choose from {', '.join(EXTRA_TARGETS)}")
+
+    def describe(self) -> str:
+        return f"{self.method} w{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """Round-to-nearest: no calibration data, seconds for any model; the baseline AWQ must beat."""
+
+    method = "rtn"
+
+
+@dataclass(frozen=True)
+class AWQConfig(QuantConfig):
+    """Activation-aware weight quantization (Lin et al., 2024), as AutoAWQ implements it.
+
+    Per decoder layer: the input channels that carry large activations are scaled up before
+    rounding (and the inverse folded into the preceding norm or linear, so the float function is
+    unchanged), with the scale `s = mean|x|^a / mean|w|^(1-a)` (`duo_scaling`, AutoAWQ's default;
+    `mean|x|^a` alone is the paper's) and `a` on a `grid`-point grid in [0, 1) chosen by the
+    output error of the block; then each linear's weights are clipped to the range, searched on
+    `clip_grid` points down to `1 - max_shrink` of the maximum, that minimises its output error.
+    """
+
+    grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512  # calibration tokens used by the clipping search, as AutoAWQ's n_sample_token
+
+    method = "awq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid < 1 or self.clip_grid < 1:
+            raise EdgelmmError("AWQ grids need at least one point", "use grid >= 1 and clip_grid >= 1")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise EdgelmmError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where calibration text comes from and how it is cut into samples.
+
+    `source`: "shapes" (captions of the built-in shapes world), "shapes-images" (a VLM's own
+    chat inputs: shapes-world pictures with questions or caption requests and their answers;
+    `concat`, `padding` and `max_seq_len` do not apply), a local .txt / .jsonl file, a
+    folder written by `datasets.save_to_disk`, or "hf:NAME[:SPLIT]" for a Hugging Face dataset
+    that is already in the local cache (nothing is downloaded). With `concat`, texts are joined
+    and cut into `num_samples` blocks of exactly `max_seq_len` tokens (AutoAWQ's way, no padding
+    needed); without it each text is one sample, truncated to `max_seq_len`, and samples are
+    either padded to one length (`padding`) or fed one at a time.
+    """
+
+    source: str = "shapes"
+    num_samples: int = 128
+    max_seq_len: int = 512
+    concat: bool = True
+    padding: bool = False
+    text_field: str = "text"
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "max_seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise EdgelmmError(f"calibration {name} must be at least 1, got {getattr(self, name)}")
+
+
+METHOD_CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "awq": AWQConfig}
+
+
+def make_config(method: str, **kwargs: object) -> QuantConfig:
+    """The config of a method by name, e.g. make_config("awq", bits=4, group_size=128)."""
+    if method not in METHOD_CONFIGS:
+        raise EdgelmmError(f"unknown quantization method '{method}'", f"choose from {', '.join(METHOD_CONFIGS)}")
+    cls = METHOD_CONFIGS[method]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise EdgelmmError(f"unknown {method} setting(s): {', '.join(unknown)}", f"known: {', '.join(sorted(names))}")
+    return cls(**kwargs)  # type: ignore[arg-type]
+
+
+__all__ = ["AWQConfig", "CalibrationConfig", "QuantConfig", "RTNConfig", "EXTRA_TARGETS", "SUPPORTED_BITS", "make_config"]
