@@ -22,7 +22,7 @@ Apply = Callable[..., nn.Module]  # (model, adapter, **kwargs) -> model
 
 METHODS: dict[str, Apply] = {}
 # Sub-packages that register methods when imported; later work appends here.
-METHOD_MODULES: list[str] = []
+METHOD_MODULES: list[str] = ["edgelmm.methods.pruning", "edgelmm.methods.quantization"]
 
 
 def register_method(name: str) -> Callable[[Apply], Apply]:

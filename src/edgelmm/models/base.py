@@ -8,6 +8,7 @@ model's inputs through the model's own processor and chat template.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -57,6 +58,32 @@ class ModelAdapter:
 
     def projector(self) -> nn.Module | None:
         return getattr(self.model.model, "multi_modal_projector", None)
+
+    # ------------------------------------------------------------ vision side, for token-pruning methods
+    def vision_attention(self) -> nn.Module | None:
+        """The vision-encoder attention of the layer whose output the projector reads: its map tells
+        which patches the encoder relies on (VisionZip-style pruning scores tokens by it)."""
+        return None
+
+    @property
+    def vision_cls_token(self) -> bool:
+        """Whether each vision-encoder sequence starts with a [CLS] token the language model never sees."""
+        return False
+
+    def vision_token_map(self, tower_inputs: Mapping[str, Any], n_scored: int) -> torch.Tensor:
+        """For each of the `n_scored` tokens that `vision_attention()` attended over (its calls in
+        order, batch items flattened), the visual token of the language sequence it feeds, counted
+        over the whole batch in sequence order; -1 where it feeds none (a [CLS] token).
+
+        `tower_inputs` are the arguments of that call of `vision_tower()`, by parameter name."""
+        raise NotImplementedError(f"the {self.family} adapter does not map vision-encoder tokens to language tokens")
+
+    def take_visual_injections(self, lm_kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """Remove from the language model's forward arguments the features it would add onto the
+        visual-token positions after its first decoder layers (one [visual tokens, hidden] tensor
+        per layer, in layer order) and return them, so that a method that drops visual tokens can
+        add them at the positions that remain. Most families add none."""
+        return []
 
     # ------------------------------------------------------------ tokens
     @property
@@ -125,3 +152,18 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r}, layers={len(self.language_layers())})"
+
+
+def feature_layer(vision_feature_layer: int | list[int], n_layers: int) -> int:
+    """The encoder layer whose output is `hidden_states[vision_feature_layer]` (the last one of a
+    list); hidden_states holds the embeddings first, then one entry per layer."""
+    layers = vision_feature_layer if isinstance(vision_feature_layer, list) else [vision_feature_layer]
+    return max(max(index % (n_layers + 1) for index in layers) - 1, 0)
+
+
+def sequence_token_map(n_sequences: int, length: int, cls_token: bool) -> torch.Tensor:
+    """Vision token -> language visual token for encoders whose every sequence (image or tile) feeds
+    its tokens to the language model in order, less a leading [CLS] token."""
+    position = torch.arange(length) - int(cls_token)
+    index = torch.arange(n_sequences)[:, None] * (length - int(cls_token)) + position
+    return index.masked_fill(position < 0, -1).flatten()

@@ -6,11 +6,22 @@ the base adapter. Each image becomes `<img>` + image_seq_length `<IMG_CONTEXT>` 
 + `</img>`; only `<IMG_CONTEXT>` (config.image_token_id) carries visual features, so the
 image-token mask leaves the two markers out. Checkpoints in OpenGVLab's remote-code format
 (model_type "internvl_chat") are a different model class and are not served here.
+
+Every tile is one vision-encoder sequence ([CLS] first); pixel shuffle then folds each 2x2 block
+of patches into one visual token, so a visual token is fed by four patches that are not
+neighbours in the encoder's order.
 """
 
 from __future__ import annotations
 
-from edgelmm.models.base import ModelAdapter
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgelmm.models.base import ModelAdapter, feature_layer
 from edgelmm.models.registry import register_adapter
 
 
@@ -18,3 +29,28 @@ from edgelmm.models.registry import register_adapter
 class InternVLAdapter(ModelAdapter):
     family = "internvl"
     model_types = ("internvl",)
+
+    def vision_attention(self) -> nn.Module:
+        layers = self.vision_tower().encoder.layer
+        return layers[feature_layer(self.config.vision_feature_layer, len(layers))].attention
+
+    @property
+    def vision_cls_token(self) -> bool:
+        return self.config.vision_feature_select_strategy == "default"
+
+    def vision_token_map(self, tower_inputs: Mapping[str, Any], n_scored: int) -> torch.Tensor:
+        """Traced through the model's own pixel shuffle: patch indices go in as a one-channel
+        image, and each output token's channels name the patches it was made of."""
+        n_tiles = tower_inputs["pixel_values"].shape[0]
+        cls = int(self.vision_cls_token)
+        side = math.isqrt(n_scored // n_tiles - cls)
+        grid = torch.arange(side * side).view(1, side, side, 1)
+        shuffled = self.model.model.pixel_shuffle(grid, scale_factor=self.config.downsample_ratio)
+        groups = shuffled.reshape(-1, shuffled.shape[-1])  # [visual tokens of a tile, patches each]
+        tokens, per_token = groups.shape
+        tile = torch.empty(side * side, dtype=torch.long)
+        tile[groups.flatten()] = torch.arange(tokens).repeat_interleave(per_token)
+        index = torch.arange(n_tiles)[:, None] * tokens + tile
+        if cls:
+            index = torch.cat([torch.full((n_tiles, 1), -1), index], dim=1)
+        return index.flatten()
