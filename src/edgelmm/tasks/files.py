@@ -13,7 +13,6 @@ like lm-evaluation-harness's `--limit`, so smaller runs are prefixes of larger o
 
 from __future__ import annotations
 
-import json
 import string
 from abc import abstractmethod
 from dataclasses import replace
@@ -25,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from edgelmm.errors import EdgelmmError
 from edgelmm.tasks.base import Task, TaskSample, register_task
 from edgelmm.tasks.scoring import choice_accuracy, exact_match
+from edgelmm.utils.io import read_jsonl_records
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # LLaVA's MMBench prompt
 
@@ -44,22 +44,7 @@ class _JsonlTask(Task):
         assert self.path is not None
         if not self.path.is_file():
             raise EdgelmmError(f"task file not found: {self.path}", "check the task's 'path'")
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise EdgelmmError(f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        records = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EdgelmmError(f"{self.path}:{number}: invalid JSON ({exc.msg})", "write one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise EdgelmmError(f"{self.path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append((number, record))
-        return records
+        return read_jsonl_records(self.path)
 
     def _fail(self, number: int, problem: str, hint: str | None = None) -> EdgelmmError:
         return EdgelmmError(f"{self.path}:{number}: {problem}", hint)

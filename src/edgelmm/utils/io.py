@@ -48,6 +48,28 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The objects of a UTF-8 JSONL file with their line numbers; each error names file:line."""
+    from edgelmm.errors import EdgelmmError
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise EdgelmmError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EdgelmmError(f"{path}:{number}: invalid JSON ({exc.msg})", "write one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise EdgelmmError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append((number, record))
+    return records
+
+
 @contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; move it into place only if the block succeeds."""

@@ -14,7 +14,6 @@ the reference answer appended, so image tokens are among the activations AWQ sca
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 from edgelmm.errors import EdgelmmError, MissingExtraError
 from edgelmm.methods.quantization.config import CalibrationConfig
 from edgelmm.models.base import ModelAdapter
+from edgelmm.utils.io import read_jsonl_records
 
 IMAGE_SOURCE = "shapes-images"
 
@@ -63,14 +63,8 @@ def _file_texts(path: Path, text_field: str) -> list[str]:
     if path.suffix != ".jsonl":
         return [p.strip() for p in raw.split("\n\n") if p.strip()]
     texts = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EdgelmmError(f"{path}:{number}: invalid JSON ({exc.msg})", "write one JSON object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+    for number, record in read_jsonl_records(path):
+        if not isinstance(record.get(text_field), str):
             raise EdgelmmError(f"{path}:{number}: no string field '{text_field}'", "set the text field with --calib-field")
         texts.append(record[text_field])
     return texts
