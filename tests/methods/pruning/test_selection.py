@@ -6,7 +6,7 @@ import torch
 
 from edgelmm.methods.pruning import DivPrune, FastV, RandomTokens, Selection, Uniform, VisionZip, VisualTokens
 from edgelmm.methods.pruning.probes import last_query_attention, vision_attention
-from edgelmm.methods.pruning.runtime import _cut_mask, _gather_sequence, _plan, _weigh
+from edgelmm.methods.pruning.runtime import _cut_mask, _Decode, _gather_sequence, _plan, _weigh
 
 
 def tokens(n, **scores):
@@ -149,3 +149,15 @@ def test_proportional_attention_counts_a_merged_token_as_the_tokens_it_stands_fo
     assert cut.keep.tolist() == [[0, 1, 2]] and cut.weight.tolist() == [[1.0, 1.0, 3.0]]
     mask = _weigh(None, cut, torch.float32)[0, 0]
     assert torch.allclose(mask[2], torch.tensor([1.0, 1.0, 3.0]).log()) and mask[0, 1] == torch.finfo(torch.float32).min
+
+
+def test_decode_steps_carry_the_merged_weights_in_a_4d_mask():
+    # prompt cut to 3 slots (weights 1, 1, 3), 2 tokens generated, 2 new ones: causal among the new
+    decode = _Decode(lambda: None, keep=torch.tensor([[0, 1, 2]]), alive=torch.ones(1, 3, dtype=torch.bool),
+                     prompt_tokens=5, last_position=None, weight=torch.tensor([[1.0, 1.0, 3.0]]))
+    kwargs = decode.step({"attention_mask": torch.ones(1, 5 + 2 + 2, dtype=torch.long)}, past=3 + 2, new=2)
+    mask, low = kwargs["attention_mask"], torch.finfo(torch.float32).min
+    assert mask.shape == (1, 1, 2, 7)
+    log3 = torch.tensor(3.0).log().item()
+    assert torch.allclose(mask[0, 0, 0], torch.tensor([0, 0, log3, 0, 0, 0, low]))
+    assert torch.allclose(mask[0, 0, 1], torch.tensor([0, 0, log3, 0, 0, 0, 0.0]))

@@ -20,6 +20,10 @@ One request, step by step:
    pruned columns from the mask so that it matches the shorter cache, and, where a caller passes
    no positions, continue the ones the prefill had.
 
+Methods that merge tokens may ask for proportional attention (ToMe): a kept token standing for m
+tokens gets log(m) added to its attention logits, through an additive mask at prefill (layers k..)
+and a 4-D one at every decode step.
+
 Rows of a batch keep the same number of tokens (tensors are rectangular). Where requests have
 different numbers of visual tokens, each keeps its own share and the rows that drop more carry
 the difference as masked slots: never attended, never in the decode mask.
@@ -44,7 +48,7 @@ from edgelmm.methods.pruning.probes import AttentionProbe, last_query_attention,
 from edgelmm.models.base import ModelAdapter
 
 _ATTRIBUTE = "_edgelmm_pruning"
-_CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.20 / before
+_CACHE_KEYS = ("cache", "past_key_values")  # the cache argument's name in newer transformers / in 5.17
 
 
 @dataclass
@@ -96,6 +100,8 @@ class _Decode:
     dtype: torch.dtype = torch.float32
 
     def step(self, kwargs: dict[str, Any], past: int, new: int) -> dict[str, Any]:
+        """One decode call's arguments: the mask cut as the cache was; positions continued where
+        the caller gives none."""
         mask = kwargs.get("attention_mask")
         full = self.prompt_tokens + past - self.keep.shape[1] + new  # a mask over the uncut prompt
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == full:
