@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent
-from edgelmm.backends.openai_backend import engine_options
+from edgelmm.backends.openai_backend import cuda_engine_profile, engine_options
 from edgelmm.config import EngineDefaults, HardwareProfile, ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError
 
@@ -94,17 +94,7 @@ class LMDeployBackend(Backend):
             import lmdeploy
         except ImportError:
             raise MissingExtraError("the lmdeploy backend", "lmdeploy", "lmdeploy") from None
-        import torch
-
-        from edgelmm.hardware import guess_profile, load_profile
-
-        if any(m.strip() != "none" for m in spec.methods):
-            raise EdgelmmError("the lmdeploy backend cannot apply edgelmm methods to its model",
-                               "use LMDeploy's own options (e.g. model_format: awq) or the torch backend")
-        if not torch.cuda.is_available():
-            raise EdgelmmError("the lmdeploy backend needs a CUDA GPU", "use the torch or llamacpp backend on this machine")
-        hardware = engine_options(spec, OPTIONS, "lmdeploy")["hardware"]
-        profile = load_profile(hardware) if hardware else guess_profile("cuda")
+        profile = cuda_engine_profile(spec, OPTIONS, "lmdeploy", "LMDeploy's own options (e.g. model_format: awq)")
         self.engine, args = engine_config(spec, profile)
         config_cls = lmdeploy.TurbomindEngineConfig if self.engine == "turbomind" else lmdeploy.PytorchEngineConfig
         self.pipe = lmdeploy.pipeline(spec.path, backend_config=config_cls(**args), log_level="ERROR")

@@ -59,6 +59,22 @@ def engine_options(spec: ModelSpec, known: dict[str, Any], backend: str) -> dict
     return {**known, **given}
 
 
+def cuda_engine_profile(spec: ModelSpec, known: dict[str, Any], backend: str, own_options: str) -> Any:
+    """Checks shared by the CUDA-only engines (vLLM, LMDeploy), then their hardware profile:
+    they cannot take edgelmm's methods and need a GPU; `own_options` names what to use instead."""
+    import torch
+
+    from edgelmm.hardware import guess_profile, load_profile
+
+    if any(m.strip() != "none" for m in spec.methods):
+        raise EdgelmmError(f"the {backend} backend cannot apply edgelmm methods to its model",
+                           f"use {own_options} or the torch backend")
+    if not torch.cuda.is_available():
+        raise EdgelmmError(f"the {backend} backend needs a CUDA GPU", "use the torch or llamacpp backend on this machine")
+    hardware = engine_options(spec, known, backend)["hardware"]
+    return load_profile(hardware) if hardware else guess_profile("cuda")
+
+
 def image_data_url(image: Any) -> str:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")

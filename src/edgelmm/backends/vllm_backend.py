@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent
-from edgelmm.backends.openai_backend import engine_options, image_data_url
+from edgelmm.backends.openai_backend import cuda_engine_profile, engine_options, image_data_url
 from edgelmm.config import EngineDefaults, HardwareProfile, ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError
 
@@ -96,17 +96,7 @@ class VLLMBackend(Backend):
             from vllm import SamplingParams as VllmSamplingParams
         except ImportError:
             raise MissingExtraError("the vllm backend", "vllm", "vllm") from None
-        import torch
-
-        from edgelmm.hardware import guess_profile, load_profile
-
-        if any(m.strip() != "none" for m in spec.methods):
-            raise EdgelmmError("the vllm backend cannot apply edgelmm methods to its model",
-                               "use vLLM's own options (e.g. options: {quantization: awq}) or the torch backend")
-        if not torch.cuda.is_available():
-            raise EdgelmmError("the vllm backend needs a CUDA GPU", "use the torch or llamacpp backend on this machine")
-        hardware = engine_options(spec, OPTIONS, "vllm")["hardware"]
-        profile = load_profile(hardware) if hardware else guess_profile("cuda")
+        profile = cuda_engine_profile(spec, OPTIONS, "vllm", "vLLM's own options (e.g. options: {quantization: awq})")
         self.llm = LLM(**engine_args(spec, profile))
         self._sampling_cls = VllmSamplingParams
         self.spec = spec
