@@ -7,6 +7,7 @@ set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 MINUTES=${MINUTES:-7.5}
 DEVICE=${DEVICE:-cuda}
+EVAL_EVERY=${EVAL_EVERY:-0}  # > 0: a learning curve (200 selection-seed questions) every that many steps
 # Only the demo package travels into the runs, so other packages' work in progress can't break them.
 PKG=$(mktemp -d); mkdir -p "$PKG/edgelmm"; touch "$PKG/edgelmm/__init__.py"
 cp -r src/edgelmm/demo "$PKG/edgelmm/"; rm -rf "$PKG/edgelmm/demo/checkpoints"
@@ -17,7 +18,7 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 
 for spec in "$@"; do
   IFS='=' read -r tag name overrides <<<"$spec"
-  (python3 benchmarks/demo_training/sweep.py "$name" "$CK/$tag" "$MINUTES" "$overrides" "$DEVICE" >"$OUT/$tag.log" 2>&1
+  (python3 benchmarks/demo_training/sweep.py "$name" "$CK/$tag" "$MINUTES" "$overrides" "$DEVICE" "$EVAL_EVERY" >"$OUT/$tag.log" 2>&1
    echo "exit $?" >>"$OUT/$tag.log") &
 done
 wait

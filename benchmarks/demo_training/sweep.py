@@ -1,6 +1,6 @@
 """Train one demo model with some preset fields overridden (the GPU runs tried a few at once).
 
-    PYTHONPATH=src python benchmarks/demo_training/sweep.py NAME OUT MINUTES '{"lr": 2e-3}' [DEVICE]
+    PYTHONPATH=src python benchmarks/demo_training/sweep.py NAME OUT MINUTES '{"lr": 2e-3}' [DEVICE [EVAL_EVERY]]
 
 The winning overrides were then written into `edgelmm.demo.train.PRESETS`, together with the
 step count the run fitted to its minutes, so that `python -m edgelmm.demo.train --name NAME
@@ -16,5 +16,6 @@ from edgelmm.demo import train
 
 name, out, minutes, overrides = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), json.loads(sys.argv[4])
 device = sys.argv[5] if len(sys.argv) > 5 else "cuda"
+eval_every = int(sys.argv[6]) if len(sys.argv) > 6 else 0
 preset = dataclasses.replace(train.PRESETS[name], **overrides)
-train.run(name, preset, seed=0, out=out, device=device, minutes=minutes)
+train.run(name, preset, seed=0, out=out, device=device, minutes=minutes, eval_every=eval_every)

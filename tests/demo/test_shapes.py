@@ -88,3 +88,19 @@ def test_checkpoint_path_names_the_bundled_models_and_rejects_others():
     assert [checkpoint_path(n).name for n in DEMO_MODELS] == list(DEMO_MODELS)
     with pytest.raises(ValueError, match="shapes-vlm-s, shapes-vlm-l"):
         checkpoint_path("shapes-vlm-xl")
+
+
+def test_conversations_ask_distinct_answerable_questions_about_one_scene():
+    convs = shapes.conversations(60, seed=5, turns=4, caption_fraction=0.5)
+    again = shapes.conversations(60, seed=5, turns=4, caption_fraction=0.5)
+    assert [c.turns for c in convs] == [c.turns for c in again]
+    assert [c.image.tobytes() for c in convs] == [c.image.tobytes() for c in again]
+    assert 15 <= sum(any(k == "caption" for *_, k in c.turns) for c in convs) <= 45
+    for conv in convs:
+        questions = [q for q, _, kind in conv.turns if kind != "caption"]
+        assert 1 <= len(questions) <= 4 and len(set(questions)) == len(questions)
+        for question, answer, kind in conv.turns:
+            one = shapes.Sample(conv.image, question, answer, kind, conv.shapes)
+            assert answer == (shapes.caption(conv.shapes) if kind == "caption" else _expected(one))
+    with pytest.raises(ValueError, match="at least one turn"):
+        shapes.conversations(1, 0, turns=0)

@@ -75,6 +75,16 @@ class Sample:
     shapes: tuple[Shape, ...]
 
 
+@dataclass
+class Conversation:
+    """Several questions about one picture, asked in turn (a multi-turn chat, as in LLaVA's
+    instruction data); `turns` holds (question, answer, kind)."""
+
+    image: Image.Image
+    turns: list[tuple[str, str, str]]
+    shapes: tuple[Shape, ...]
+
+
 def position_name(cell: int) -> str:
     row, col = divmod(cell, GRID)
     return "center" if (row, col) == (1, 1) else f"{ROWS[row]} {COLUMNS[col]}"
@@ -187,3 +197,30 @@ def generate(n: int, seed: int, task: str = "vqa") -> list[Sample]:
                 break
         samples.append(Sample(_render(shapes, rng), qa[0], qa[1], kind, shapes))
     return samples
+
+
+def conversations(n: int, seed: int, turns: int, caption_fraction: float = 0.25) -> list[Conversation]:
+    """`n` pictures with up to `turns` distinct questions each (kinds drawn at random, a kind the
+    scene cannot ask is skipped), plus the caption request with probability `caption_fraction`,
+    in random order. The same for the same arguments."""
+    if turns < 1:
+        raise ValueError(f"a conversation needs at least one turn, got {turns}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        shapes = _scene(rng)
+        qas: list[tuple[str, str, str]] = []
+        if rng.random() < caption_fraction:
+            qas.append((CAPTION_PROMPT, caption(shapes), "caption"))
+        asked: set[str] = set()
+        for _ in range(4 * turns):
+            if len(asked) == turns:
+                break
+            kind = rng.choice(VQA_KINDS)
+            qa = _question(kind, shapes, rng)
+            if qa is not None and qa[0] not in asked:
+                asked.add(qa[0])
+                qas.append((qa[0], qa[1], kind))
+        rng.shuffle(qas)
+        out.append(Conversation(_render(shapes, rng), qas, shapes))
+    return out

@@ -3,10 +3,12 @@
     python -m edgelmm.demo.train --name shapes-vlm-s --seed 0 --out DIR [--device cuda] [--steps N | --minutes M]
 
 The model is a standard `LlavaForConditionalGeneration` (CLIP vision tower, Llama language
-model) so that every backend and method of edgelmm can treat it like a real LLaVA. Samples are
-drawn on the fly from the shapes world: batch k of run seed s uses world seed
-`TRAIN_SEED_BASE + s * SEED_STRIDE + 2k` (VQA) and `... + 2k + 1` (captions), never an
-evaluation seed. The loss is on answer tokens only, as in LLaVA's instruction tuning.
+model) so that every backend and method of edgelmm can treat it like a real LLaVA. Training data
+are multi-turn chats drawn on the fly from the shapes world (several questions about one picture,
+sometimes the caption request too): batch k of run seed s uses world seed
+`TRAIN_SEED_BASE + s * SEED_STRIDE + k`, never an evaluation seed. The loss is on answer tokens
+only, as in LLaVA's instruction tuning, plus a training-only perception loss on the projected
+image tokens (see `aux_labels`); the saved checkpoint is the plain LLaVA model.
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from edgelmm.demo import shapes
-from edgelmm.demo.tokenizer import CHAT_TEMPLATE, IMAGE, build_tokenizer, prompt_text
+from edgelmm.demo.tokenizer import ASSISTANT, CHAT_TEMPLATE, EOS, IMAGE, USER, build_tokenizer, prompt_text
 
 PATCH = 8
 IMAGE_TOKENS = (shapes.IMAGE_SIZE // PATCH) ** 2  # CLS is dropped ("default" strategy)
 SEED_STRIDE = 10_000_000  # world seeds per run seed: no two run seeds share a batch
 EVAL_SEED = 0
+SELECTION_SEED = 2  # learning curves and the choice between runs; never the recorded results' seed
 _PROBE = (100, 200)  # steps timed by `train(minutes=...)`: past start-up, inside warm-up
 
 
@@ -64,16 +67,18 @@ class Preset:
     batch_size: int = 256
     warmup: int = 300
     weight_decay: float = 0.05
-    caption_fraction: float = 0.25  # captions name every attribute: a dense signal for perception
+    caption_fraction: float = 0.25  # share of pictures whose chat includes the caption request
+    turns: int = 6  # questions per picture (one chat); the image tokens, most of the cost, are shared
+    aux_weight: float = 1.0  # training-only perception heads on the projected image tokens
 
 
 # Steps are what the shipped checkpoints ran: fitted to 7.5 min on a shared H100 (`--minutes`);
 # see benchmarks/demo_training/README.md.
 PRESETS: dict[str, Preset] = {
     "shapes-vlm-s": Preset(vision_hidden=128, vision_layers=3, vision_heads=4,
-                           text_hidden=192, text_layers=4, text_heads=4, steps=3738, lr=2e-3),
-    "shapes-vlm-l": Preset(vision_hidden=256, vision_layers=4, vision_heads=8,
-                           text_hidden=320, text_layers=6, text_heads=8, steps=2066, lr=1e-3),
+                           text_hidden=128, text_layers=4, text_heads=4, steps=3000, lr=2e-3),
+    "shapes-vlm-l": Preset(vision_hidden=192, vision_layers=4, vision_heads=6,
+                           text_hidden=256, text_layers=6, text_heads=8, steps=3000, lr=1e-3),
 }
 
 
@@ -123,23 +128,62 @@ def _normalise(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((pixels.float() / 255.0 - mean) / std).to(dtype)
 
 
-def encode(samples: list[shapes.Sample], tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
-    """Token ids exactly as processor + chat template make them, with labels on the answer only.
+def encode(samples: list[shapes.Sample] | list[shapes.Conversation],
+           tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
+    """Token ids exactly as processor + chat template make them, with labels on the answers only,
+    and the per-patch perception labels of `aux_labels`.
 
-    Images stay uint8 here (4× less to move between processes); `_normalise` runs on the device.
+    A `Sample` is a one-turn conversation. Images stay uint8 here (4× less to move between
+    processes); `_normalise` runs on the device.
     """
+    convs = [c if isinstance(c, shapes.Conversation) else shapes.Conversation(c.image, [(c.question, c.answer, c.kind)], c.shapes)
+             for c in samples]
     image_id, eos, pad = tokenizer.convert_tokens_to_ids(IMAGE), tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompts = tokenizer([prompt_text(s.question) for s in samples], add_special_tokens=False).input_ids
-    answers = tokenizer([s.answer for s in samples], add_special_tokens=False).input_ids
-    ids = torch.full((len(samples), max(len(p) + IMAGE_TOKENS + len(a) for p, a in zip(prompts, answers))), pad)
-    labels = torch.full_like(ids, -100)
-    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
-        prompt = [t for tok in prompt for t in ([tok] * IMAGE_TOKENS if tok == image_id else [tok])]
-        target = answer + [eos]
-        ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
-        labels[row, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
-    pixels = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).contiguous()
-    return {"input_ids": ids, "attention_mask": (ids != pad).long(), "labels": labels, "pixels": pixels}
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    rows = []
+    for conv in convs:
+        ids: list[int] = []
+        labels: list[int] = []
+        for turn, (question, reply, _) in enumerate(conv.turns):
+            text = prompt_text(question) if turn == 0 else f"{USER}\n{question}{EOS}\n{ASSISTANT}\n"
+            prompt = tokenizer(text, add_special_tokens=False).input_ids
+            prompt = [t for tok in prompt for t in ([tok] * IMAGE_TOKENS if tok == image_id else [tok])]
+            target = tokenizer(reply, add_special_tokens=False).input_ids + [eos]
+            glue = newline if turn + 1 < len(conv.turns) else []
+            ids += prompt + target + glue
+            labels += [-100] * len(prompt) + target + [-100] * len(glue)
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad)
+    label_ids = torch.full_like(input_ids, -100)
+    for row, (ids, labels) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        label_ids[row, : len(labels)] = torch.tensor(labels)
+    pixels = torch.from_numpy(np.stack([np.asarray(c.image) for c in convs])).permute(0, 3, 1, 2).contiguous()
+    return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(), "labels": label_ids,
+            "pixels": pixels, "aux": aux_labels([c.shapes for c in convs])}
+
+
+_SIDE = shapes.IMAGE_SIZE // PATCH  # patches per image side
+_CELL_OF_PATCH = torch.tensor([(r * shapes.GRID // _SIDE) * shapes.GRID + c * shapes.GRID // _SIDE
+                               for r in range(_SIDE) for c in range(_SIDE)])
+AUX_CLASSES = (len(shapes.COLORS) + 1, len(shapes.SHAPES) + 1, shapes.GRID, shapes.GRID)  # colour, shape, row, column
+
+
+def aux_labels(scenes: list[tuple[shapes.Shape, ...]]) -> torch.Tensor:
+    """(batch, image tokens, 4) targets for the training-only perception heads: the colour and
+    shape of the object in the patch's grid cell (0 = empty cell; every shape lies inside its
+    cell), and the cell's row and column."""
+    colors, kinds = list(shapes.COLORS), list(shapes.SHAPES)
+    out = torch.zeros(len(scenes), IMAGE_TOKENS, 4, dtype=torch.long)
+    out[:, :, 2] = _CELL_OF_PATCH // shapes.GRID
+    out[:, :, 3] = _CELL_OF_PATCH % shapes.GRID
+    for row, scene in enumerate(scenes):
+        for s in scene:
+            where = _CELL_OF_PATCH == s.cell
+            out[row, where, 0] = colors.index(s.color) + 1
+            out[row, where, 1] = kinds.index(s.shape) + 1
+    return out
 
 
 class _Batches(IterableDataset):
@@ -151,10 +195,8 @@ class _Batches(IterableDataset):
         self.base = shapes.TRAIN_SEED_BASE + seed * SEED_STRIDE
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
-        n_caption = round(self.preset.batch_size * self.preset.caption_fraction)
-        samples = shapes.generate(self.preset.batch_size - n_caption, self.base + 2 * k, "vqa")
-        samples += shapes.generate(n_caption, self.base + 2 * k + 1, "caption")
-        return encode(samples, self.tokenizer)
+        p = self.preset
+        return encode(shapes.conversations(p.batch_size, self.base + k, p.turns, p.caption_fraction), self.tokenizer)
 
     def __iter__(self):
         info = get_worker_info()
@@ -170,7 +212,8 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
 
 
 def train(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int,
-          device: str, steps: int | None = None, minutes: float | None = None) -> tuple[int, list[dict]]:
+          device: str, steps: int | None = None, minutes: float | None = None,
+          eval_every: int = 0) -> tuple[int, list[dict]]:
     """AdamW + cosine over `steps`; returns (steps run, logged history).
 
     With `minutes` instead, the step count is fitted to that much wall-clock time from the
@@ -183,8 +226,16 @@ def train(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFa
     if minutes is not None and preset.warmup <= _PROBE[1]:
         raise ValueError(f"fitting steps to minutes needs a warm-up longer than {_PROBE[1]} steps")
     model.to(device).train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    # Perception heads, used in training only (not saved): from every projected image token,
+    # predict what lies in its grid cell. Dense targets make the image tokens carry colour, shape
+    # and place linearly from the first steps, so the language model only has to learn to look
+    # them up; without them the models needed about ten times more pictures.
+    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_CLASSES)).to(device)
+    projected: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda mod, args, out: projected.append(out))
+    params = [*model.parameters(), *aux_head.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     cuda = device == "cuda"
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -206,19 +257,34 @@ def train(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFa
             total = max(step + 1, int((60 * minutes - (time.perf_counter() - start)) / per_step) + step)
             bar.total = total
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        projected.clear()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                         pixel_values=_normalise(batch["pixels"], torch.float32)).loss
+            lm_loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"], pixel_values=_normalise(batch["pixels"], torch.float32)).loss
+            logits = aux_head(projected[0].reshape(-1, IMAGE_TOKENS, aux_head.in_features)).float()
+        targets = batch["aux"]
+        aux_loss = sum(torch.nn.functional.cross_entropy(part.flatten(0, 1), targets[..., i].flatten())
+                       for i, part in enumerate(logits.split(AUX_CLASSES, dim=-1))) / len(AUX_CLASSES)
+        loss = lm_loss + preset.aux_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         bar.update()
         if step % 50 == 0:
             seconds = round(time.perf_counter() - start, 1)
-            history.append({"step": step, "loss": round(loss.item(), 5), "seconds": seconds})
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+            history.append({"step": step, "loss": round(lm_loss.item(), 5), "aux_loss": round(aux_loss.item(), 5),
+                            "seconds": seconds})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", aux=f"{history[-1]['aux_loss']:.3f}",
+                            lr=f"{schedule.get_last_lr()[0]:.2e}")
+        if eval_every and (step + 1) % eval_every == 0:
+            curve = evaluate(model, build_processor(tokenizer), shapes.generate(200, SELECTION_SEED, "vqa"))
+            history.append({"step": step + 1, "vqa": round(curve["accuracy"], 4), "by_kind": curve["by_kind"],
+                            "seconds": round(time.perf_counter() - start, 1)})
+            print(json.dumps(history[-1]), flush=True)
+            model.train()
+    hook.remove()
     bar.close()
     return total, history
 
@@ -285,7 +351,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def run(name: str, preset: Preset, seed: int, out: Path, device: str, steps: int | None = None,
-        minutes: float | None = None, eval_samples: int = 500) -> dict:
+        minutes: float | None = None, eval_samples: int = 500, eval_every: int = 0) -> dict:
     """Build, train, evaluate on unseen world seed `EVAL_SEED`, save; returns the run's record."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before DataLoader workers fork
     torch.manual_seed(seed)
@@ -295,7 +361,7 @@ def run(name: str, preset: Preset, seed: int, out: Path, device: str, steps: int
     print(f"{name}: {params / 1e6:.2f}M parameters, batches of {preset.batch_size} on {device}")
 
     start = time.perf_counter()
-    steps, history = train(model, tokenizer, preset, seed, device, steps=steps, minutes=minutes)
+    steps, history = train(model, tokenizer, preset, seed, device, steps=steps, minutes=minutes, eval_every=eval_every)
     record = {"name": name, "seed": seed, "steps": steps, "preset": asdict(replace(preset, steps=steps)),
               "parameters": params,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
