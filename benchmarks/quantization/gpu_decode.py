@@ -3,10 +3,17 @@
 A Qwen2.5-7B-shaped model (the real config, random bf16 weights: speed does not depend on the
 values) is timed with one decode loop for both variants: a static KV cache and one step per
 token that calls the transformers model's own modules in order (so bf16 linears are cuBLAS and
-quantized ones are `QuantLinear`, i.e. the Triton GEMV kernel), with torch's fused `F.rms_norm`
-for the norms (same weights and epsilon; fewer launches for both variants), captured once in a
-CUDA graph (greedy argmax and the position update are inside the graph, so replays run back to
-back) and, for reference, run eagerly. Per-token time = (time of N replays) / N with CUDA
+quantized ones are `QuantLinear`, i.e. whichever CUDA kernel `prepare` chose per layer shape:
+torch's int4 tensor-core kernel "tinygemm", or one of the Triton GEMVs), with torch's fused
+`F.rms_norm` for the norms (same weights and epsilon; fewer launches for both variants).
+Two loops, each captured once in a CUDA graph (greedy argmax and the position update are inside
+the graph, so replays run back to back):
+
+* "graph": the step as eager modules;
+* "compiled": the same step through `torch.compile` (inductor fuses norms, rope, residual adds
+  and small ops; the linears stay cuBLAS / QuantLinear's kernels), then captured the same way.
+
+Plus, for reference, a short eager run. Per-token time = (time of N replays) / N with CUDA
 events, median over repeats.
 
     PYTHONPATH=src python benchmarks/quantization/gpu_decode.py --out results/   # on the GPU
@@ -28,7 +35,14 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from edgelmm.methods.quantization import QuantLinear, RTNConfig, quantize, weight_bytes
+from edgelmm.methods.quantization import (
+    QuantLinear,
+    RTNConfig,
+    kernel_choices,
+    prepare,
+    quantize,
+    weight_bytes,
+)
 from edgelmm.models.causal_lm import CausalLMAdapter
 
 CONFIG = Path(__file__).resolve().parents[2] / "tests/fixtures/configs/Qwen2.5-7B-Instruct/config.json"
@@ -51,6 +65,7 @@ class StaticDecoder:
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.slots = torch.arange(max_len, device=device)
+        self.fwd = self.forward  # what `step` calls: the eager forward or a compiled one
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits [1, vocab] of `token` at position `pos`, writing its K/V into the cache."""
@@ -78,7 +93,7 @@ class StaticDecoder:
 
     def step(self) -> torch.Tensor:
         """One greedy step from the state buffers (token, pos), advancing them in place."""
-        logits = self.forward(self.token, self.pos)
+        logits = self.fwd(self.token, self.pos)
         self.token.copy_(logits.argmax(-1))
         self.pos.add_(1)
         return logits
@@ -140,43 +155,74 @@ def check_loop(model: torch.nn.Module, decoder: StaticDecoder, n: int = 8) -> fl
     return float((ours - reference).norm() / reference.norm())
 
 
+KERNELS = ("triton", "splitk", "tinygemm")
+
+
+def forced(linear: torch.nn.Linear, bits: int, symmetric: bool, kernel: str) -> tuple[QuantLinear, str]:
+    """A QuantLinear of `linear` served by `kernel` (or by what serves it when that one can't)."""
+    layer = QuantLinear.from_linear(linear, bits, 128, symmetric)
+    return layer, layer.settle(linear.weight.device, kernel)
+
+
 def check_kernel(device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """QuantLinear's forward (the Triton kernel on CUDA) against dequantize + matmul in float64."""
+    """Every CUDA kernel's QuantLinear forward against dequantize + matmul in float64."""
     rows = []
     shapes = [(3584, 512, 1), (3584, 18944, 1), (18944, 3584, 16), (3584, 3584, 4)]
     for bits, symmetric in [(4, False), (4, True), (8, False)]:
         for k, n, m in shapes[:2] if bits == 8 else shapes:
             linear = torch.nn.Linear(k, n, bias=n == 512, device=device, dtype=dtype)
-            layer = QuantLinear.from_linear(linear, bits, 128, symmetric)
             x = torch.randn(m, k, device=device, dtype=dtype)
-            reference = F.linear(x.double(), layer.dequantize(torch.float64), None if layer.bias is None else layer.bias.double())
-            y = layer(x).double()
-            err = float((y - reference).norm() / reference.norm())
-            rows.append({"bits": bits, "symmetric": symmetric, "K": k, "N": n, "M": m, "rel_err": err, "finite": bool(torch.isfinite(y).all())})
-            del linear, layer
+            checkpoint = QuantLinear.from_linear(linear, bits, 128, symmetric).state_dict()
+            for name in KERNELS if bits == 4 else ("triton",):
+                try:
+                    layer, used = forced(linear, bits, symmetric, name)
+                    reference = F.linear(x.double(), layer.dequantize(torch.float64), None if layer.bias is None else layer.bias.double())
+                    y = layer(x).double()
+                    again = layer(x).double()  # the split-K kernel must leave its workspace clean
+                    err = float((y - reference).norm() / reference.norm())
+                    state = layer.state_dict()  # rebuilt from the tiles for tinygemm: must be the checkpoint's
+                    exact = state.keys() == checkpoint.keys() and all(torch.equal(state[key], v) for key, v in checkpoint.items())
+                    rows.append({"kernel": used, "bits": bits, "symmetric": symmetric, "K": k, "N": n, "M": m, "rel_err": err,
+                                 "repeat_equal": float((again - y).norm() / reference.norm()) < 1e-2,  # atomics: order varies
+                                 "state_dict_exact": exact,
+                                 "finite": bool(torch.isfinite(y).all())})
+                    del layer
+                except Exception as error:  # noqa: BLE001 - reported, the run goes on
+                    rows.append({"kernel": name, "bits": bits, "symmetric": symmetric, "K": k, "N": n, "M": m, "error": repr(error)[:500]})
+            del linear
     return rows
+
+
+def best_config(n: int, k: int, kernel_name: str) -> str | None:
+    from edgelmm.methods.quantization import kernel
+
+    tuned = {"triton": kernel._gemv_kernel, "splitk": kernel._splitk_kernel}.get(kernel_name)
+    return None if tuned is None else next((str(c) for key, c in tuned.cache.items() if key[:2] == (n, k)), None)
 
 
 def bench_kernel(device: torch.device) -> list[dict]:
     """Median microseconds (CUDA-graph replays, so launch overhead is out): bf16 F.linear (cuBLAS)
-    vs the W4A16 kernel, batch 1, Qwen2.5-7B shapes."""
+    vs each W4A16 kernel, batch 1, Qwen2.5-7B shapes (and a fused-QKV width)."""
     from triton.testing import do_bench_cudagraph
 
     rows = []
-    for k, n in [(3584, 4608), (3584, 3584), (3584, 18944), (18944, 3584), (3584, 152064)]:
+    for k, n in [(3584, 512), (3584, 3584), (3584, 4608), (3584, 18944), (18944, 3584), (3584, 152064)]:
         linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-        layer = QuantLinear.from_linear(linear, 4, 128, False)
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        layer(x)  # autotune outside the graph
         bf16_us = do_bench_cudagraph(lambda x=x, w=linear.weight: F.linear(x, w), rep=100, return_mode="median") * 1e3
-        w4_us = do_bench_cudagraph(lambda x=x, layer=layer: layer(x), rep=100, return_mode="median") * 1e3
-        bytes_bf16, bytes_w4 = weight_bytes(linear), weight_bytes(layer)
-        from edgelmm.methods.quantization import kernel
-
-        best = next((str(c) for key, c in kernel._gemv_kernel.cache.items() if key[:2] == (n, k)), None)
-        rows.append({"K": k, "N": n, "bf16_us": bf16_us, "w4a16_us": w4_us, "speedup": bf16_us / w4_us,
-                     "bf16_GBs": bytes_bf16 / bf16_us / 1e3, "w4a16_GBs": bytes_w4 / w4_us / 1e3, "config": best})
-        del linear, layer
+        row = {"K": k, "N": n, "bf16_us": bf16_us, "bf16_GBs": weight_bytes(linear) / bf16_us / 1e3}
+        for name in KERNELS:
+            try:
+                layer, used = forced(linear, 4, False, name)
+                layer(x)  # autotune outside the graph
+                us = do_bench_cudagraph(lambda x=x, layer=layer: layer(x), rep=100, return_mode="median") * 1e3
+                row[name] = {"used": used, "us": us, "GBs": weight_bytes(layer) / us / 1e3, "bytes": weight_bytes(layer),
+                             "speedup": bf16_us / us, "config": best_config(n, k, used)}
+                del layer
+            except Exception as error:  # noqa: BLE001
+                row[name] = {"error": repr(error)[:500]}
+        rows.append(row)
+        del linear
     return rows
 
 
@@ -189,20 +235,84 @@ def allocated(device: torch.device) -> int | None:
     return torch.cuda.memory_allocated(device)
 
 
-def measure(model: torch.nn.Module, decoder: StaticDecoder, device: torch.device, steps: int, repeats: int, base: int) -> dict:
-    """Weight bytes, allocated bytes and decode speed: CUDA graph (the number to report) and a
-    short eager run (launch-bound, for reference)."""
+def measure(model: torch.nn.Module, decoder: StaticDecoder, device: torch.device, steps: int, repeats: int, base: int,
+            compile_mode: str | None) -> dict:
+    """Weight bytes, allocated bytes and decode speed: the eager-module step and the compiled
+    step, each in a CUDA graph (the numbers to report), and a short eager run (launch-bound)."""
     result = {"weight_bytes": weight_bytes(model), "allocated_bytes": None}
     caches = decoder.k.untyped_storage().nbytes() + decoder.v.untyped_storage().nbytes()
     if (total := allocated(device)) is not None:
         result["allocated_bytes"] = total - base - caches  # the model's own allocations
-    modes = [("graph", True, steps, repeats), ("eager", False, 16, 2)] if device.type == "cuda" else [("eager", False, steps, repeats)]
+    cuda = device.type == "cuda"
+    modes = [("graph", True, steps, repeats), ("eager", False, 16, 2)] if cuda else [("eager", False, steps, repeats)]
+    if compile_mode:
+        modes.append(("compiled", cuda, steps, repeats))
     for mode, graph, n, r in modes:
-        times = time_decode(decoder, n, r, graph)
-        result[f"{mode}_s_per_token"] = statistics.median(times)
-        result[f"{mode}_tok_s"] = 1 / statistics.median(times)
-        result[f"{mode}_all_s_per_token"] = times
+        try:
+            if mode == "compiled":
+                torch._dynamo.reset()
+                decoder.fwd = torch.compile(decoder.forward, mode=None if compile_mode == "default" else compile_mode, fullgraph=False)
+                started = time.perf_counter()
+                decoder.reset(1)
+                for _ in range(2):
+                    decoder.step()
+                if cuda:
+                    torch.cuda.synchronize()
+                result["compile_s"] = time.perf_counter() - started
+            times = time_decode(decoder, n, r, graph)
+            result[f"{mode}_s_per_token"] = statistics.median(times)
+            result[f"{mode}_tok_s"] = 1 / statistics.median(times)
+            result[f"{mode}_all_s_per_token"] = times
+        except Exception as error:  # noqa: BLE001 - reported, the run goes on
+            result[f"{mode}_error"] = repr(error)[:2000]
+        finally:
+            decoder.fwd = decoder.forward
+    torch._dynamo.reset()
     return result
+
+
+def summary(report: dict) -> list[str]:
+    lines = [f"device: {report['device']}  torch {report['torch']}  triton {report.get('triton', '-')}  compile mode {report['compile_mode']}",
+             "variant          weight GB  x bf16  alloc GB  graph tok/s  compiled tok/s  eager tok/s  (CUDA-graph medians)"]
+    bf16 = report.get("bf16")
+    for name in ("bf16", "w4a16", "w4a16_lm_head"):
+        if name not in report:
+            continue
+        r = report[name]
+        alloc = "-" if r["allocated_bytes"] is None else f"{r['allocated_bytes'] / 1e9:.2f}"
+        lines.append(f"{name:15s} {r['weight_bytes'] / 1e9:9.2f}  {r['weight_bytes'] / bf16['weight_bytes']:6.3f}  {alloc:>8s}"
+                     f"  {r.get('graph_tok_s', float('nan')):11.1f}  {r.get('compiled_tok_s', float('nan')):14.1f}"
+                     f"  {r.get('eager_tok_s', float('nan')):11.1f}")
+        if name != "bf16":
+            for mode in ("graph", "compiled"):
+                if f"{mode}_tok_s" in r and f"{mode}_tok_s" in bf16:
+                    lines.append(f"    {mode}: x{r[f'{mode}_tok_s'] / bf16[f'{mode}_tok_s']:.2f} of bf16")
+        errors = {k: v for k, v in r.items() if k.endswith("_error")}
+        lines += [f"    {k}: {v[:300]}" for k, v in errors.items()]
+        if "compile_s" in r:
+            lines.append(f"    compile + 2 steps: {r['compile_s']:.0f} s")
+        if "kernels" in r:
+            lines.append(f"    layers per kernel: {r['kernels']}")
+    if "kernel_check" in report:
+        worst: dict[str, float] = {}
+        for r in report["kernel_check"]:
+            if "rel_err" in r:
+                worst[r["kernel"]] = max(worst.get(r["kernel"], 0.0), r["rel_err"])
+        bad = [r for r in report["kernel_check"]
+               if "error" in r or not (r.get("finite") and r.get("repeat_equal") and r.get("state_dict_exact"))]
+        lines.append(f"kernel max rel err vs dequant+matmul (fp64), per kernel: { {k: f'{v:.2e}' for k, v in worst.items()} }"
+                     + (f"; {len(bad)} failed: {bad[:2]}" if bad else ""))
+    for r in report.get("kernel_bench", []):
+        parts = [f"  K={r['K']:5d} N={r['N']:6d}: bf16 {r['bf16_us']:6.1f} us ({r['bf16_GBs']:.0f} GB/s)"]
+        for name in KERNELS:
+            k = r.get(name, {})
+            parts.append(f"{name} ERROR" if "error" in k else f"{name} {k['us']:6.1f} us ({k['GBs']:.0f} GB/s, x{k['speedup']:.2f})")
+        lines.append("  ".join(parts))
+    for key, choice in report.get("kernel_choices", {}).items():
+        lines.append(f"  auto {key}: {choice['kernel']}  us {({k: round(v, 1) for k, v in choice['us'].items()})}")
+    if "loop_vs_transformers_rel_err" in report:
+        lines.append(f"loop vs transformers rel err: {report['loop_vs_transformers_rel_err']}")
+    return lines
 
 
 def main() -> None:
@@ -211,19 +321,36 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (checking the loop)")
     parser.add_argument("--steps", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                        help="torch.compile mode of the compiled loop ('default', 'max-autotune-no-cudagraphs', ...; 'none': no compiled loop)")
+    parser.add_argument("--skip-kernels", action="store_true", help="no per-kernel check and timing")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
+    compile_mode = None if args.compile_mode == "none" else args.compile_mode
     torch.manual_seed(0)
-    report: dict = {"torch": torch.__version__, "platform": platform.platform(),
+    report: dict = {"torch": torch.__version__, "platform": platform.platform(), "compile_mode": args.compile_mode,
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def save(stage: str) -> None:
+        """Write what is there so far (a run cut short still leaves its numbers)."""
+        report["stage"] = stage
+        print(f"[{time.strftime('%H:%M:%S')}] {stage}", flush=True)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu_decode.json").write_text(json.dumps(report, indent=2, default=str))
+            (args.out / "gpu_decode.txt").write_text("\n".join(summary(report)) + "\n")
+
     if device.type == "cuda":
         import triton
 
         report["triton"] = triton.__version__
-        report["kernel_check"] = check_kernel(device, dtype)
-        report["kernel_bench"] = bench_kernel(device)
+        if not args.skip_kernels:
+            report["kernel_check"] = check_kernel(device, dtype)
+            save("kernel check")
+            report["kernel_bench"] = bench_kernel(device)
+            save("kernel bench")
     config = AutoConfig.from_pretrained(CONFIG.parent)
     if args.tiny:
         config.update(TINY)
@@ -234,34 +361,29 @@ def main() -> None:
     torch.set_grad_enabled(False)
     decoder = StaticDecoder(model, max_len=args.steps + 16)
     report["loop_vs_transformers_rel_err"] = {"bf16": check_loop(model, decoder)}
-    report["bf16"] = measure(model, decoder, device, args.steps, args.repeats, base)
+    report["bf16"] = measure(model, decoder, device, args.steps, args.repeats, base, compile_mode)
+    save("bf16")
     reference_logits = decoder.forward(torch.tensor([1], device=device), torch.tensor([0], device=device)).float()
     started = time.perf_counter()
     quantize(model, adapter, RTNConfig(bits=4, group_size=128), progress=False)
     report["quantize_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    kernels = prepare(model)
+    report["prepare_s"] = time.perf_counter() - started
     report["loop_vs_transformers_rel_err"]["w4a16"] = check_loop(model, decoder)
     w4_logits = decoder.forward(torch.tensor([1], device=device), torch.tensor([0], device=device)).float()
     report["w4a16_vs_bf16_logits_rel_err"] = float((w4_logits - reference_logits).norm() / reference_logits.norm())
-    report["w4a16"] = measure(model, decoder, device, args.steps, args.repeats, base)
+    report["w4a16"] = measure(model, decoder, device, args.steps, args.repeats, base, compile_mode)
+    report["w4a16"]["kernels"] = kernels
+    report["kernel_choices"] = {str(k): v for k, v in kernel_choices().items()}
+    save("w4a16")
     quantize(model, adapter, RTNConfig(bits=4, group_size=128, extra=("lm_head",)), progress=False)
-    report["w4a16_lm_head"] = measure(model, decoder, device, args.steps, args.repeats, base)
-    bf16 = report["bf16"]
-    lines = [f"device: {report['device']}  torch {torch.__version__}", "variant          weight GB  x bf16  alloc GB  graph tok/s  eager tok/s"]
-    for name in ("bf16", "w4a16", "w4a16_lm_head"):
-        r = report[name]
-        alloc = "-" if r["allocated_bytes"] is None else f"{r['allocated_bytes'] / 1e9:.2f}"
-        lines.append(f"{name:15s} {r['weight_bytes'] / 1e9:9.2f}  {r['weight_bytes'] / bf16['weight_bytes']:6.3f}  {alloc:>8s}"
-                     f"  {r.get('graph_tok_s', float('nan')):11.1f}  {r['eager_tok_s']:11.1f}")
-    if "kernel_check" in report:
-        lines.append(f"kernel max rel err vs dequant+matmul (fp64): {max(r['rel_err'] for r in report['kernel_check']):.2e}")
-        lines += [f"  K={r['K']:5d} N={r['N']:6d}: bf16 {r['bf16_us']:7.1f} us ({r['bf16_GBs']:.0f} GB/s)  w4a16 {r['w4a16_us']:7.1f} us ({r['w4a16_GBs']:.0f} GB/s)  x{r['speedup']:.2f}  {r['config']}"
-                  for r in report["kernel_bench"]]
-    lines.append(f"loop vs transformers rel err: {report['loop_vs_transformers_rel_err']}")
-    print("\n".join(lines))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_decode.json").write_text(json.dumps(report, indent=2))
-        (args.out / "gpu_decode.txt").write_text("\n".join(lines) + "\n")
+    kernels = prepare(model)
+    report["w4a16_lm_head"] = measure(model, decoder, device, args.steps, args.repeats, base, compile_mode)
+    report["w4a16_lm_head"]["kernels"] = kernels
+    report["kernel_choices"] = {str(k): v for k, v in kernel_choices().items()}
+    save("done")
+    print("\n".join(summary(report)))
 
 
 if __name__ == "__main__":

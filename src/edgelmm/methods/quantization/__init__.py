@@ -25,14 +25,15 @@ from edgelmm.methods.quantization.checkpoint import (
     save_quantized,
 )
 from edgelmm.methods.quantization.config import AWQConfig, CalibrationConfig, QuantConfig, RTNConfig, make_config
-from edgelmm.methods.quantization.linear import QuantLinear, weight_bytes
+from edgelmm.methods.quantization.linear import QuantLinear, kernel_choices, prepare, set_cuda_kernel, weight_bytes
 from edgelmm.methods.quantization.quantize import quantize, quantize_checkpoint, target_linears
 from edgelmm.models.base import ModelAdapter
 
 __all__ = [
     "AWQConfig", "CalibrationBatch", "CalibrationConfig", "QuantConfig", "QuantLinear", "RTNConfig",
-    "calibration_batches", "calibration_data", "convert_to_awq", "is_quantized_checkpoint", "load_quantized", "load_quantized_model",
-    "make_config", "quantize", "quantize_checkpoint", "save_quantized", "target_linears", "weight_bytes",
+    "calibration_batches", "calibration_data", "convert_to_awq", "is_quantized_checkpoint", "kernel_choices", "load_quantized",
+    "load_quantized_model", "make_config", "prepare", "quantize", "quantize_checkpoint", "save_quantized", "set_cuda_kernel",
+    "target_linears", "weight_bytes",
 ]
 
 
