@@ -72,13 +72,13 @@ class Preset:
     aux_weight: float = 1.0  # training-only perception heads on the projected image tokens
 
 
-# Steps are what the shipped checkpoints ran: fitted to 7.5 min on a shared H100 (`--minutes`);
+# Steps are what the shipped checkpoints ran: fitted to 7 min on an H100 shared by four runs (`--minutes`);
 # see benchmarks/demo_training/README.md.
 PRESETS: dict[str, Preset] = {
     "shapes-vlm-s": Preset(vision_hidden=128, vision_layers=3, vision_heads=4,
-                           text_hidden=128, text_layers=4, text_heads=4, steps=3000, lr=2e-3),
+                           text_hidden=128, text_layers=4, text_heads=4, steps=5340, lr=2e-3, batch_size=128),
     "shapes-vlm-l": Preset(vision_hidden=192, vision_layers=4, vision_heads=6,
-                           text_hidden=256, text_layers=6, text_heads=8, steps=3000, lr=1e-3),
+                           text_hidden=256, text_layers=6, text_heads=8, steps=3331, lr=1e-3, batch_size=128),
 }
 
 
