@@ -207,7 +207,7 @@ def cmd_quant_eval(args: argparse.Namespace) -> int:
 
     rows = compare(
         args.model, args.method or [], task=args.task, samples=args.samples, perplexity=args.ppl,
-        perplexity_samples=args.ppl_samples, device=args.device, dtype=args.dtype, out=args.out,
+        perplexity_samples=args.ppl_samples, text=args.text_ppl, text_samples=args.text_ppl_samples, device=args.device, dtype=args.dtype, out=args.out,
     )
     print(format_rows(rows))
     if args.out:
@@ -301,8 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--method", action="append", help="also the first model with this method, e.g. 'awq(w_bit=4, group=128)'")
             p.add_argument("--task", default="shapes-vqa", help="accuracy task ('' to skip)")
             p.add_argument("--samples", type=int, default=100)
-            p.add_argument("--ppl", default="shapes-caption", help="shapes-caption, or a .txt/.jsonl file ('' to skip)")
-            p.add_argument("--ppl-samples", type=int, default=100)
+            p.add_argument("--ppl", default="shapes-caption", help="captions given their picture: shapes-caption ('' to skip)")
+            p.add_argument("--ppl-samples", type=int, default=100, help="pictures for the caption perplexity")
+            p.add_argument("--text-ppl", default="shapes-text",
+                           help="language model on text, sliding window: shapes-text (captions as plain text) or a .txt/.jsonl file ('' to skip)")
+            p.add_argument("--text-ppl-samples", type=int, default=1000, help="captions in shapes-text")
             p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
             p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
             p.add_argument("--out", help="write report.md and results.json here")

@@ -28,14 +28,44 @@ def test_quantize_convert_and_compare(source: Path, tmp_path: Path, capsys) -> N
     capsys.readouterr()
     report = tmp_path / "report"
     args = ["quant-eval", str(source), str(out), str(tmp_path / "autoawq"), "--method", "rtn(w_bit=4, group=32)",
-            "--samples", "2", "--ppl-samples", "2", "--out", str(report)]
+            "--samples", "2", "--ppl-samples", "2", "--text-ppl-samples", "20", "--out", str(report)]
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "float" in table and "awq" in table and "float + rtn(w_bit=4, group=32)" in table
     rows = json.loads((report / "results.json").read_text())
     assert [r["variant"] for r in rows] == ["float", "awq", "autoawq", "float + rtn(w_bit=4, group=32)"]
-    assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"] and all(r["perplexity"] > 0 for r in rows)
-    assert rows[1]["perplexity"] == pytest.approx(rows[2]["perplexity"], rel=1e-3)  # same weights, two layouts
+    assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
+    assert all(r["caption_perplexity"] > 0 and r["text_perplexity"] > 1 for r in rows)
+    for key in ("caption_perplexity", "text_perplexity"):  # same weights, two layouts
+        assert rows[1][key] == pytest.approx(rows[2][key], rel=1e-3)
+    assert rows[3]["text_perplexity"] != rows[0]["text_perplexity"]  # quantization shows on text
+    assert "caption ppl" in table and "text ppl" in table
+
+
+def test_quant_eval_text_perplexity_from_a_file_or_skipped(source: Path, tmp_path: Path, capsys) -> None:
+    from edgelmm.config import ModelSpec
+    from edgelmm.models.loader import load_model
+    from edgelmm.tasks.perplexity import text_perplexity
+    from tests.tiny_models import CORPUS
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(CORPUS * 2))
+    report = tmp_path / "report"
+    args = ["quant-eval", str(source), "--task", "", "--ppl", "", "--text-ppl", str(text), "--out", str(report)]
+    assert main(args) == 0
+    [row] = json.loads((report / "results.json").read_text())
+    model, _, adapter, _ = load_model(ModelSpec(path=str(source), device="cpu"))
+    assert row["caption_perplexity"] is None and row["accuracy"] is None
+    assert row["text_perplexity"] == pytest.approx(text_perplexity(model, adapter, text.read_text()).value, rel=1e-6)
+    assert main([*args, "--text-ppl", ""]) == 0
+    assert json.loads((report / "results.json").read_text())[0]["text_perplexity"] is None
+
+
+def test_quant_eval_caption_perplexity_is_not_a_file(source: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "text.txt").write_text("a red circle.")
+    assert main(["quant-eval", str(source), "--ppl", str(tmp_path / "text.txt")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("edgelmm: error: unknown caption perplexity") and "--text-ppl FILE" in last
 
 
 @pytest.mark.parametrize(

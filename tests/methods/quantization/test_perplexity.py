@@ -57,3 +57,16 @@ def test_text_files(tmp_path: Path) -> None:
         read_text(tmp_path / "b.jsonl")
     with pytest.raises(EdgelmmError, match="not found"):
         read_text(tmp_path / "none.txt")
+
+
+def test_shapes_text_is_evaluation_captions_as_paragraphs() -> None:
+    from edgelmm.demo import shapes
+    from edgelmm.methods.quantization.compare import SHAPES_TEXT, evaluation_text, shapes_text
+
+    text = shapes_text(5)
+    captions = [s.answer for s in shapes.generate(5, 2, task="caption")]
+    assert text.split("\n\n") == captions and all(c.endswith(".") for c in captions)
+    assert evaluation_text(SHAPES_TEXT, 5) == text and shapes_text(5, seed=3) != text
+    assert evaluation_text("", 5) is None
+    with pytest.raises(EdgelmmError, match="not an evaluation seed"):
+        shapes_text(5, seed=shapes.TRAIN_SEED_BASE)
