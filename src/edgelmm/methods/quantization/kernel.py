@@ -212,16 +212,21 @@ def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torc
     return ws, counters
 
 
-def linear_splitk(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    """`linear` with the split-K kernel (4-bit layers)."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).contiguous()
-    m, k = x2.shape
-    n = layer.out_features
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws, counters = _workspace(x.device, m, n)
+def _operands(x: torch.Tensor, layer: torch.nn.Module):
+    """What both launchers pass: x as [M, K] rows, the output [M, N], and stand-in pointers for an
+    absent zero point or bias (the kernels skip them by their HAS_* flags)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
     zero = layer.weight_zero_point if layer.weight_zero_point is not None else layer.weight_scale
     bias = layer.bias if layer.bias is not None else layer.weight_scale
+    return x2, y, zero, bias
+
+
+def linear_splitk(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """`linear` with the split-K kernel (4-bit layers)."""
+    x2, y, zero, bias = _operands(x, layer)
+    (m, k), n = x2.shape, layer.out_features
+    ws, counters = _workspace(x.device, m, n)
 
     def grid(meta: dict[str, int]) -> tuple[int, int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
@@ -231,18 +236,13 @@ def linear_splitk(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
         n, k, x2.stride(0), y.stride(0),
         GROUP=layer.group_size, HAS_ZERO=layer.weight_zero_point is not None, HAS_BIAS=layer.bias is not None,
     )
-    return y.reshape(*shape[:-1], n)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     """x [..., K] @ dequant(W)ᵀ + b, without materialising W; rows of x are few (decode)."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).contiguous()
-    m, k = x2.shape
-    n = layer.out_features
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    zero = layer.weight_zero_point if layer.weight_zero_point is not None else layer.weight_scale
-    bias = layer.bias if layer.bias is not None else layer.weight_scale
+    x2, y, zero, bias = _operands(x, layer)
+    (m, k), n = x2.shape, layer.out_features
 
     def grid(meta: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), m)
@@ -253,4 +253,4 @@ def linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
         BITS=layer.bits, GROUP=layer.group_size, HAS_ZERO=layer.weight_zero_point is not None,
         HAS_BIAS=layer.bias is not None,
     )
-    return y.reshape(*shape[:-1], n)
+    return y.reshape(*x.shape[:-1], n)
