@@ -104,3 +104,13 @@ def test_conversations_ask_distinct_answerable_questions_about_one_scene():
             assert answer == (shapes.caption(conv.shapes) if kind == "caption" else _expected(one))
     with pytest.raises(ValueError, match="at least one turn"):
         shapes.conversations(1, 0, turns=0)
+
+
+def test_kind_weights_choose_which_questions_a_conversation_asks():
+    only = shapes.conversations(20, seed=6, turns=3, caption_fraction=0.0, kind_weights=(0, 0, 1, 0, 1))
+    assert {kind for c in only for *_, kind in c.turns} == {"count", "exists"}
+    even = shapes.conversations(20, seed=6, turns=3, caption_fraction=0.0)
+    assert [c.turns for c in even] == [c.turns for c in shapes.conversations(20, seed=6, turns=3, caption_fraction=0.0)]
+    for bad in [(1, 1), (1, 1, 1, 1, -1), (0, 0, 0, 0, 0)]:
+        with pytest.raises(ValueError, match="kind_weights needs 5 weights"):
+            shapes.conversations(1, 0, turns=2, kind_weights=bad)

@@ -1,12 +1,27 @@
-"""The training-side encoding agrees with the processor and chat template a user runs."""
+"""The training-side encoding agrees with the processor and chat template a user runs, and training
+steps learn in both precisions."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from edgelmm.demo import shapes
 from edgelmm.demo.tokenizer import build_tokenizer
-from edgelmm.demo.train import AUX_CLASSES, IMAGE_TOKENS, aux_labels, build_processor, encode
+from edgelmm.demo.train import (
+    AUX_CLASSES,
+    IMAGE_TOKENS,
+    Preset,
+    _normalise,
+    aux_labels,
+    bf16_autocast_fast,
+    build_model,
+    build_processor,
+    encode,
+    train,
+)
 
 
 def _chat(conv: shapes.Conversation) -> list[dict]:
@@ -44,3 +59,27 @@ def test_perception_labels_mark_each_shape_cell_and_nothing_else():
         shape = list(shapes.SHAPES).index(hit[0].shape) + 1 if hit else 0
         assert torch.all(block[..., 0] == color) and torch.all(block[..., 1] == shape)
         assert torch.all(block[..., 2] == cell // 3) and torch.all(block[..., 3] == cell % 3)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_few_training_steps_lower_the_loss_in_fp32_and_bf16_autocast(bf16):
+    tokenizer = build_tokenizer()
+    preset = Preset(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2,
+                    steps=12, lr=3e-3, batch_size=4, warmup=2, turns=2)
+    torch.manual_seed(0)
+    model = build_model(preset, tokenizer)
+    steps, history = train(model, tokenizer, preset, seed=0, device="cpu", steps=preset.steps, bf16=bf16)
+    assert steps == 12 and [h["step"] for h in history] == [0]
+    first = history[0]["loss"]
+    model.eval()
+    batch = encode(shapes.conversations(4, shapes.TRAIN_SEED_BASE, preset.turns), tokenizer)
+    with torch.no_grad():
+        after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                      pixel_values=_normalise(batch["pixels"], torch.float32)).loss.item()
+    assert math.isfinite(after) and after < first
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in fp32
+
+
+def test_bf16_autocast_is_chosen_on_cuda_and_only_where_the_cpu_has_bf16_instructions():
+    assert bf16_autocast_fast("cuda") is True
+    assert bf16_autocast_fast("cpu") is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

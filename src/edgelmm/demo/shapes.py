@@ -199,12 +199,16 @@ def generate(n: int, seed: int, task: str = "vqa") -> list[Sample]:
     return samples
 
 
-def conversations(n: int, seed: int, turns: int, caption_fraction: float = 0.25) -> list[Conversation]:
-    """`n` pictures with up to `turns` distinct questions each (kinds drawn at random, a kind the
-    scene cannot ask is skipped), plus the caption request with probability `caption_fraction`,
-    in random order. The same for the same arguments."""
+def conversations(n: int, seed: int, turns: int, caption_fraction: float = 0.25,
+                  kind_weights: tuple[float, ...] | None = None) -> list[Conversation]:
+    """`n` pictures with up to `turns` distinct questions each (kinds drawn at random, in
+    proportion to `kind_weights` over `VQA_KINDS` if given; a kind the scene cannot ask is
+    skipped), plus the caption request with probability `caption_fraction`, in random order.
+    The same for the same arguments."""
     if turns < 1:
         raise ValueError(f"a conversation needs at least one turn, got {turns}")
+    if kind_weights is not None and (len(kind_weights) != len(VQA_KINDS) or min(kind_weights) < 0 or not any(kind_weights)):
+        raise ValueError(f"kind_weights needs {len(VQA_KINDS)} weights >= 0, not all 0 ({', '.join(VQA_KINDS)})")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -216,7 +220,7 @@ def conversations(n: int, seed: int, turns: int, caption_fraction: float = 0.25)
         for _ in range(4 * turns):
             if len(asked) == turns:
                 break
-            kind = rng.choice(VQA_KINDS)
+            kind = rng.choice(VQA_KINDS) if kind_weights is None else rng.choices(VQA_KINDS, kind_weights)[0]
             qa = _question(kind, shapes, rng)
             if qa is not None and qa[0] not in asked:
                 asked.add(qa[0])

@@ -70,15 +70,19 @@ class Preset:
     caption_fraction: float = 0.25  # share of pictures whose chat includes the caption request
     turns: int = 6  # questions per picture (one chat); the image tokens, most of the cost, are shared
     aux_weight: float = 1.0  # training-only perception heads on the projected image tokens
+    kind_weights: tuple[float, ...] | None = None  # how often each of shapes.VQA_KINDS is asked; None: evenly
 
 
-# Steps are what the shipped checkpoints ran: fitted to 7 min on an H100 shared by four runs (`--minutes`);
-# see benchmarks/demo_training/README.md.
+# The CPU recipe: each fits an hour on a 2-core x86 CPU with bf16 autocast (AVX512-BF16); steps are
+# fitted to about 52 minutes from measured step times. Small batches for `s`, a 4-layer language model
+# with 12-question chats for `l`. See benchmarks/demo_training/README.md.
 PRESETS: dict[str, Preset] = {
     "shapes-vlm-s": Preset(vision_hidden=128, vision_layers=3, vision_heads=4,
-                           text_hidden=128, text_layers=4, text_heads=4, steps=5340, lr=2e-3, batch_size=128),
+                           text_hidden=128, text_layers=4, text_heads=4, steps=8340, lr=2e-3, batch_size=16,
+                           caption_fraction=0.5),
     "shapes-vlm-l": Preset(vision_hidden=192, vision_layers=4, vision_heads=6,
-                           text_hidden=256, text_layers=6, text_heads=8, steps=3331, lr=1e-3, batch_size=128),
+                           text_hidden=256, text_layers=4, text_heads=8, steps=1205, lr=1e-3, batch_size=32,
+                           turns=12, caption_fraction=0.5, aux_weight=3.0),
 }
 
 
@@ -196,7 +200,7 @@ class _Batches(IterableDataset):
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         p = self.preset
-        return encode(shapes.conversations(p.batch_size, self.base + k, p.turns, p.caption_fraction), self.tokenizer)
+        return encode(shapes.conversations(p.batch_size, self.base + k, p.turns, p.caption_fraction, p.kind_weights), self.tokenizer)
 
     def __iter__(self):
         info = get_worker_info()
@@ -211,15 +215,28 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def bf16_autocast_fast(device: str) -> bool:
+    """Whether training autocasts to bfloat16 here: on CUDA, and on CPUs with bf16 matrix
+    instructions (AVX512-BF16 / AMX), where oneDNN runs bf16 matmuls about twice as fast as fp32
+    (`shapes-vlm-l` steps: 1.7x). Elsewhere bf16 would be emulated, slower than fp32."""
+    if device == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def train(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int,
           device: str, steps: int | None = None, minutes: float | None = None,
-          eval_every: int = 0) -> tuple[int, list[dict]]:
+          eval_every: int = 0, bf16: bool | None = None) -> tuple[int, list[dict]]:
     """AdamW + cosine over `steps`; returns (steps run, logged history).
 
     With `minutes` instead, the step count is fitted to that much wall-clock time from the
     speed of steps 100..200 (all in warm-up, whose schedule does not depend on the total), so the
     run equals one made with `steps` set to the count it picked: a fixed time limit, as on a lent
-    GPU, is used fully and the result stays reproducible.
+    GPU, is used fully and the result stays reproducible. `bf16` (default: `bf16_autocast_fast`)
+    autocasts the forward pass to bfloat16; weights and optimizer state stay float32.
     """
     if (steps is None) == (minutes is None):
         raise ValueError("give exactly one of steps and minutes")
@@ -237,6 +254,7 @@ def train(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFa
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     cuda = device == "cuda"
+    bf16 = bf16_autocast_fast(device) if bf16 is None else bf16
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=preset.lr, betas=(0.9, 0.98), fused=cuda,
@@ -258,7 +276,7 @@ def train(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFa
             bar.total = total
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         projected.clear()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             lm_loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             labels=batch["labels"], pixel_values=_normalise(batch["pixels"], torch.float32)).loss
             logits = aux_head(projected[0].reshape(-1, IMAGE_TOKENS, aux_head.in_features)).float()
@@ -351,20 +369,24 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def run(name: str, preset: Preset, seed: int, out: Path, device: str, steps: int | None = None,
-        minutes: float | None = None, eval_samples: int = 500, eval_every: int = 0) -> dict:
+        minutes: float | None = None, eval_samples: int = 500, eval_every: int = 0, bf16: bool | None = None) -> dict:
     """Build, train, evaluate on unseen world seed `EVAL_SEED`, save; returns the run's record."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before DataLoader workers fork
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     model, processor = build_model(preset, tokenizer), build_processor(tokenizer)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{name}: {params / 1e6:.2f}M parameters, batches of {preset.batch_size} on {device}")
+    bf16 = bf16_autocast_fast(device) if bf16 is None else bf16
+    print(f"{name}: {params / 1e6:.2f}M parameters, batches of {preset.batch_size} on {device}"
+          f" ({'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads)")
 
     start = time.perf_counter()
-    steps, history = train(model, tokenizer, preset, seed, device, steps=steps, minutes=minutes, eval_every=eval_every)
+    steps, history = train(model, tokenizer, preset, seed, device, steps=steps, minutes=minutes, eval_every=eval_every,
+                           bf16=bf16)
     record = {"name": name, "seed": seed, "steps": steps, "preset": asdict(replace(preset, steps=steps)),
               "parameters": params,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "autocast": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads(),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
               "train_seconds": round(time.perf_counter() - start, 1), "history": history}
     save(model, processor, out, record)  # before evaluating: a failed evaluation loses no training
@@ -385,11 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="override the preset's number of steps")
     budget.add_argument("--minutes", type=float, help="fit the number of steps to this much training time")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="forward-pass autocast; auto: bf16 on CUDA and on CPUs with bf16 instructions")
     parser.add_argument("--eval-samples", type=int, default=500, help=f"VQA samples of world seed {EVAL_SEED}")
     args = parser.parse_args(argv)
     preset = PRESETS[args.name]
     run(args.name, preset, args.seed, args.out, args.device, minutes=args.minutes,
-        steps=None if args.minutes else args.steps or preset.steps, eval_samples=args.eval_samples)
+        steps=None if args.minutes else args.steps or preset.steps, eval_samples=args.eval_samples,
+        bf16=None if args.precision == "auto" else args.precision == "bf16")
     return 0
 
 
