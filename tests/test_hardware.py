@@ -9,19 +9,9 @@ import torch
 
 from edgelmm.config import HardwareProfile
 from edgelmm.errors import EdgelmmError
-from edgelmm.hardware import (
-    GROUP_SIZE,
-    PROFILE_DIR,
-    architecture,
-    bits_per_weight,
-    format_plan,
-    guess_profile,
-    list_profiles,
-    load_profile,
-    plan,
-    plan_from_path,
-    roofline_decode_tok_s,
-)
+from edgelmm.hardware import format_plan, guess_profile, list_profiles, load_profile, plan, plan_from_path, roofline_decode_tok_s
+from edgelmm.hardware.planning import GROUP_SIZE, architecture, bits_per_weight, supported_model_types
+from edgelmm.hardware.profiles import PROFILE_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 MODELS = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())

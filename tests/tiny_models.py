@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from edgelmm.models.loader import images_only
+from edgelmm.models.processors import images_only
 
 VLM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "internvl")
 CAUSAL_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma")

@@ -31,7 +31,7 @@ def workload(kind: str, samples: int, seed: int) -> list[Any]:
     from edgelmm import Request
     from edgelmm.demo.shapes import generate
 
-    return [Request(s.question, [s.image] if kind == "image" else []) for s in generate(samples, seed, task="caption")]
+    return [Request.chat(s.question, [s.image] if kind == "image" else []) for s in generate(samples, seed, task="caption")]
 
 
 def measure(backend: Any, kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -71,7 +71,7 @@ def kv_bytes(model_path: str, methods: list[str], n: int) -> dict[str, dict[str,
     samples = get_task(TaskSpec(name="shapes-vqa")).samples(n, seed=0)
     measured = {}
     for method in methods:
-        apply_method(method, model, adapter)
+        apply(model, adapter, method)
         sizes, tokens = [], []
         for sample in samples:
             inputs = adapter.build_inputs(sample.prompt, list(sample.images))

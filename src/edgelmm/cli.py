@@ -12,6 +12,29 @@ from pathlib import Path
 from edgelmm.errors import EdgelmmError
 
 DEMO_OUT = "runs/demo"
+DEMO_CALIBRATION = "shapes"  # AWQ's calibration source when every model is a bundled demo model
+
+
+def _demo_calibration(methods: list, models: list[str]) -> list:
+    """AWQ without a calibration source gets the shapes world's captions, but only when every
+    model is a bundled demo model (the library itself has no default: that is the user's call)."""
+    import dataclasses
+
+    from edgelmm.demo import DEMO_MODELS
+    from edgelmm.methods.quantization import AWQConfig, CalibrationConfig
+
+    if not models or not all(m in DEMO_MODELS for m in models):
+        return methods
+    return [dataclasses.replace(m, calibration=CalibrationConfig(source=DEMO_CALIBRATION))
+            if isinstance(m, AWQConfig) and m.calibration is None else m for m in methods]
+
+
+def _spec(**fields: object):
+    """A ModelSpec from command-line values, with one-line errors (a bad --method, say)."""
+    from edgelmm.config import ModelSpec, validate
+
+    spec = validate(ModelSpec, {k: v for k, v in fields.items() if v is not None}, "command line")
+    return spec.model_copy(update={"methods": _demo_calibration(spec.methods, [spec.path])})
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +91,8 @@ def _run_config(args: argparse.Namespace, default_out: str):
             max_new_tokens=args.max_new_tokens,
             out=args.out,
         )
+    methods = _demo_calibration(config.methods, [m.path for m in config.models])
+    config = config.model_copy(update={"methods": methods})
     return config, Path(config.out or args.out or default_out)
 
 
@@ -152,10 +177,9 @@ def _options(pairs: list[str] | None) -> dict[str, object]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from edgelmm.config import ModelSpec
     from edgelmm.serve import Limits, run_server
 
-    spec = ModelSpec(path=args.model, device=args.device, dtype=args.dtype, methods=args.method or [], options=_options(args.option))
+    spec = _spec(path=args.model, device=args.device, dtype=args.dtype, methods=args.method or [], options=_options(args.option))
     limits = Limits(
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
         max_tokens=args.max_tokens, max_context=args.max_context, max_batch_size=args.max_batch_size,
@@ -175,17 +199,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from edgelmm.methods.quantization import CalibrationConfig, make_config, quantize_checkpoint
+    from edgelmm.demo import DEMO_MODELS
+    from edgelmm.methods.quantization import AWQConfig, CalibrationConfig, RTNConfig, quantize_checkpoint
 
-    config = make_config(args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, extra=tuple(args.extra))
+    settings = dict(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, extra=tuple(args.extra))
+    config = (AWQConfig if args.method == "awq" else RTNConfig)(**settings)  # bad settings fail first
     calibration = None
     if args.method == "awq":
+        source = args.calibration or (DEMO_CALIBRATION if args.model in DEMO_MODELS else None)
+        if source is None:
+            raise EdgelmmError("AWQ needs calibration data",
+                               "pass --calibration FILE (a .txt/.jsonl file, a datasets folder or hf:NAME[:SPLIT])")
         calibration = CalibrationConfig(
-            source=args.calib or "shapes", num_samples=args.calib_samples, max_seq_len=args.calib_seq_len,
-            concat=not args.no_concat, padding=args.padding, text_field=args.calib_field,
+            source=source, num_samples=args.num_samples, max_seq_len=args.max_seq_len,
+            concat=not args.no_concat, padding=args.padding, text_field=args.text_field,
         )
-    elif args.calib is not None:
-        raise EdgelmmError(f"--calib is for --method awq; {args.method} uses no calibration data")
+        config = AWQConfig(**settings, calibration=calibration)
+    elif args.calibration is not None:
+        raise EdgelmmError(f"--calibration is for --method awq; {args.method} uses no calibration data")
     summary = quantize_checkpoint(args.model, args.out, config, calibration, args.device, args.dtype, args.overwrite)
     before, after = summary["weight_bytes_before"], summary["weight_bytes_after"]
     print(f"{summary['method']}: {summary['quantized_layers']} linear layers in {summary['quantize_s']:.1f} s; "
@@ -203,10 +234,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_quant_eval(args: argparse.Namespace) -> int:
-    from edgelmm.methods.quantization.compare import compare, format_rows
+    from edgelmm.bench.quant_eval import compare, format_rows
+    from edgelmm.methods import parse_method
 
+    methods = _demo_calibration([parse_method(m) for m in args.method or []], args.model[:1])
     rows = compare(
-        args.model, args.method or [], task=args.task, samples=args.samples, perplexity=args.ppl,
+        args.model, methods, task=args.task, samples=args.samples, perplexity=args.ppl,
         perplexity_samples=args.ppl_samples, text=args.text_ppl, text_samples=args.text_ppl_samples, device=args.device, dtype=args.dtype, out=args.out,
     )
     print(format_rows(rows))
@@ -218,6 +251,8 @@ def cmd_quant_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgelmm", description="Edge LMM Optimizer: run, optimize and measure VLMs on edge devices.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--plugin", action="append", default=[],
+                        help="import a plug-in module (dotted name or .py file) that registers models, methods, ... (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True)
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "demo": (cmd_demo, "benchmark the bundled demo VLMs on the CPU (no download)"),
@@ -281,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--group-size", type=int, default=128)
             p.add_argument("--symmetric", action="store_true", help="no zero points (default: asymmetric)")
             p.add_argument("--extra", nargs="*", default=[], help="also quantize: lm_head, vision_tower, projector")
-            p.add_argument("--calib", help="awq calibration: shapes (default), a .txt/.jsonl file, a datasets folder, hf:NAME[:SPLIT]")
-            p.add_argument("--calib-samples", type=int, default=128)
-            p.add_argument("--calib-seq-len", type=int, default=512)
-            p.add_argument("--calib-field", default="text", help="text field of .jsonl / dataset records")
+            p.add_argument("--calibration", help="awq calibration source: a .txt/.jsonl file, a datasets folder, "
+                           "hf:NAME[:SPLIT] (cached), or a named source; bundled demo models default to 'shapes'")
+            p.add_argument("--num-samples", type=int, default=128, help="calibration samples")
+            p.add_argument("--max-seq-len", type=int, default=512, help="tokens per calibration sample")
+            p.add_argument("--text-field", default="text", help="text field of .jsonl / dataset records")
             p.add_argument("--no-concat", action="store_true", help="one sample per text instead of joined blocks")
             p.add_argument("--padding", action="store_true", help="with --no-concat: pad samples into batches")
             p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -298,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true")
         elif name == "quant-eval":
             p.add_argument("model", nargs="+", help="bundled names or checkpoint dirs (float or quantized); the first is the baseline")
-            p.add_argument("--method", action="append", help="also the first model with this method, e.g. 'awq(w_bit=4, group=128)'")
+            p.add_argument("--method", action="append", help="also the first model with this method, e.g. 'awq(bits=4, group_size=128)'")
             p.add_argument("--task", default="shapes-vqa", help="accuracy task ('' to skip)")
             p.add_argument("--samples", type=int, default=100)
             p.add_argument("--ppl", default="shapes-caption", help="captions given their picture: shapes-caption ('' to skip)")
@@ -316,6 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        from edgelmm.registry import load_plugin
+
+        for plugin in args.plugin:
+            load_plugin(plugin)
         return args.fn(args)
     except EdgelmmError as exc:
         if args.debug:

@@ -7,12 +7,22 @@ the key instead of a setting that is silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgelmm.errors import EdgelmmError
+from edgelmm.registry import METHODS
 
 # configs/ at the repository root; the package reaches it through the src/edgelmm/configs link.
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -22,7 +32,23 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=(), arbitrary_types_allowed=True)
+
+
+def as_method(value: Any) -> Any:
+    """A method object from its spec string ('fastv(k=2, keep=0.25)'); method objects pass."""
+    if not isinstance(value, str):
+        if not hasattr(value, "apply"):
+            raise ValueError(f"expected a method spec such as 'fastv(k=2, keep=0.25)', got {value!r}")
+        return value
+    try:
+        return METHODS.build(value)
+    except EdgelmmError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# A method in a schema: parsed (and checked) once, when the config is read; written back as its spec.
+MethodField = Annotated[Any, BeforeValidator(as_method), PlainSerializer(str, return_type=str)]
 
 
 class ModelSpec(Schema):
@@ -34,7 +60,7 @@ class ModelSpec(Schema):
     device: Device = "auto"
     trust_remote_code: bool = False
     attn_implementation: str | None = "sdpa"
-    methods: list[str] = Field(default_factory=list)  # e.g. ["fastv(k=2, keep=0.25)"], applied at load
+    methods: list[MethodField] = Field(default_factory=list)  # e.g. ["fastv(k=2, keep=0.25)"], applied at load
     options: dict[str, Any] = Field(default_factory=dict)  # engine-specific settings
 
     @property
@@ -43,19 +69,47 @@ class ModelSpec(Schema):
 
 
 class SamplingParams(Schema):
-    """How to decode. temperature 0 means greedy."""
+    """How to decode, and which log-probabilities to return. temperature 0 means greedy.
 
-    max_new_tokens: int = Field(32, ge=1, le=1_000_000)
+    max_new_tokens 0 scores the prompt without generating (with prompt_logprobs). Generation ends
+    at the model's end-of-sequence token (kept in the result's token ids and logprobs, left out of
+    its text, as vLLM does), at a stop string (cut from the text), or after max_new_tokens.
+    logprobs: each generated token's log-probability; top_logprobs: also the k most likely
+    tokens at each step; prompt_logprobs: each prompt token's log-probability given the ones
+    before it (the first has none), with the k most likely tokens at each position.
+    """
+
+    max_new_tokens: int = Field(32, ge=0, le=1_000_000)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)
     logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     stop: list[str] = Field(default_factory=list)
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> SamplingParams:
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_new_tokens 0 only scores the prompt: ask for prompt_logprobs too")
+        return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Generated tokens' log-probabilities are returned (top_logprobs implies them)."""
+        return self.logprobs or self.top_logprobs > 0
 
 
 # ---------------------------------------------------------------- hardware profiles
@@ -113,7 +167,7 @@ class BenchConfig(Schema):
     name: str = "bench"
     models: list[ModelSpec]
     backends: list[str] = Field(default_factory=lambda: ["torch"])
-    methods: list[str] = Field(default_factory=lambda: ["none"])
+    methods: list[MethodField] = Field(default_factory=lambda: ["none"], validate_default=True)
     tasks: list[TaskSpec]
     device: Device = "auto"
     dtype: DType = "auto"
@@ -158,7 +212,10 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown key '{where}'"
     if error["type"] == "missing":
         return f"missing key '{where}'"
-    return f"key '{where}': {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error":  # our own validators: the message says it all
+        return f"key '{where}': {message}"
+    return f"key '{where}': {message} (got {error.get('input')!r})"
 
 
 def validate(schema: type[S], data: Any, source: str) -> S:

@@ -16,6 +16,17 @@ class EdgelmmError(Exception):
         super().__init__(f"{message} — {hint}" if hint else message)
 
 
+class RequestError(EdgelmmError):
+    """A request that cannot run as given (malformed messages, images that do not match their
+    placeholders, token ids outside the vocabulary, a prompt longer than the context). A server
+    answers it with a 400 and `code`."""
+
+    def __init__(self, message: str, hint: str | None = None, code: str | None = None, param: str | None = None):
+        super().__init__(message, hint)
+        self.code = code
+        self.param = param
+
+
 class MissingExtraError(EdgelmmError):
     """An optional engine or package is not installed."""
 

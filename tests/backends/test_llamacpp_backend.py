@@ -48,7 +48,7 @@ def pairs(tmp_path_factory):
 
 
 def questions(n: int = 4) -> list[Request]:
-    return [Request(s.question) for s in shapes(n, seed=11)]
+    return [Request.chat(s.question) for s in shapes(n, seed=11)]
 
 
 def teacher_forced(torch_backend, ids: list[int]) -> torch.Tensor:
@@ -59,8 +59,10 @@ def teacher_forced(torch_backend, ids: list[int]) -> torch.Tensor:
 def test_same_prompt_tokens(pairs):
     for torch_backend, llama in pairs.values():
         for request in questions():
-            expected = torch_backend.adapter.build_batch([(request.prompt, [])])["input_ids"][0].tolist()
-            assert llama.prompt_ids(request, raw=False) == expected
+            expected = torch_backend.adapter.build_inputs(request)["input_ids"][0].tolist()
+            assert llama.prompt_token_ids(request) == expected
+            text = torch_backend.adapter.chat_text(request.messages)
+            assert llama.prompt_token_ids(Request(text=text)) == torch_backend.prompt_token_ids(Request(text=text))
 
 
 def test_same_greedy_tokens_or_an_explained_tie(pairs):
@@ -74,7 +76,7 @@ def test_same_greedy_tokens_or_an_explained_tie(pairs):
                 eos = torch_backend.adapter.eos_token_ids()[0]
                 a, b = ours.token_ids + [eos], theirs.token_ids + [eos]
                 step = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-                prompt = llama.prompt_ids(request, raw=False)
+                prompt = llama.prompt_token_ids(request)
                 logprobs = teacher_forced(torch_backend, prompt + a[:step])[-1]
                 gap = float(logprobs[a[step]] - logprobs[b[step]])
                 assert gap < TIE, f"{name}: llama.cpp chose another token at step {step} without a tie ({gap:.4f})"
@@ -105,16 +107,31 @@ def test_stream_equals_generate_and_timings(pairs):
     assert llama.device_name().startswith("cpu (llama.cpp")
 
 
-def test_scores_match_torch(pairs):
+def test_prompt_logprobs_equal_a_teacher_forced_forward(pairs):
+    torch_backend, llama = pairs["demo-like"]
+    ids = llama.prompt_token_ids(questions(1)[0]) + [5, 9]
+    [result] = llama.generate([Request(token_ids=ids)], SamplingParams(max_new_tokens=0, prompt_logprobs=3))
+    scores = result.prompt_logprobs
+    expected = teacher_forced(torch_backend, ids)
+    assert scores[0].logprob is None and [s.token_id for s in scores] == ids == result.prompt_token_ids
+    want = [float(expected[i, t]) for i, t in enumerate(ids[1:])]
+    assert [s.logprob for s in scores[1:]] == pytest.approx(want, abs=2e-3)
+    assert [lp for _, lp in scores[-1].top] == pytest.approx(expected[-2].topk(3).values.tolist(), abs=2e-3)
+    [scored] = torch_backend.generate([Request(token_ids=ids)], SamplingParams(max_new_tokens=0, prompt_logprobs=3))
+    assert [s.logprob for s in scored.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-4)  # both backends alike
+
+
+def test_stop_strings_and_end_tokens_as_torch(pairs):
     torch_backend, llama = pairs["demo-like"]
     request = questions(1)[0]
-    prompt, scores = llama.score(request, raw=False, continuation=[5, 9], top=3)
-    expected = teacher_forced(torch_backend, prompt + [5, 9])
-    assert scores[0].logprob is None and [s.token_id for s in scores] == prompt + [5, 9]
-    got = [s.logprob for s in scores[1:]]
-    want = [float(expected[i, t]) for i, t in enumerate((prompt + [5, 9])[1:])]
-    assert got == pytest.approx(want, abs=2e-3)
-    assert [lp for _, lp in scores[-1].top] == pytest.approx(expected[-2].topk(3).values.tolist(), abs=2e-3)
+    [whole] = torch_backend.generate([request], GREEDY)
+    if len(whole.text) < 3:
+        pytest.skip("the model says too little to cut")
+    params = GREEDY.model_copy(update={"stop": [whole.text[1:3]]})
+    [ours], [theirs] = torch_backend.generate([request], params), llama.generate([request], params)
+    events = list(llama.stream(request, params))
+    assert theirs.text == ours.text == whole.text[:1] == "".join(e.text for e in events)
+    assert (theirs.finish_reason, theirs.stop_reason) == ("stop", whole.text[1:3])
 
 
 def test_sampling_is_seeded(pairs):
@@ -126,7 +143,7 @@ def test_sampling_is_seeded(pairs):
     assert llama.generate([request], params.model_copy(update={"seed": 6}))[0].token_ids != first or len(first) < 3
 
 
-def test_serves_completions_through_text_access(pairs):
+def test_serves_completions(pairs):
     pytest.importorskip("fastapi")
     import httpx
 
@@ -153,15 +170,17 @@ def test_serves_completions_through_text_access(pairs):
 def test_clear_errors(pairs, tmp_path):
     _, llama = pairs["demo-like"]
     with pytest.raises(EdgelmmError, match="language model only"):
-        llama.generate([Request("What color?", [make_image()])], GREEDY)
+        llama.generate([Request.chat("What color?", [make_image()])], GREEDY)
     with pytest.raises(EdgelmmError, match="GGUF file not found"):
         load(ModelSpec(path=str(tmp_path / "missing.gguf")), backend="llamacpp")
     with pytest.raises(EdgelmmError, match="needs a GGUF file"):
         load(ModelSpec(path="shapes-vlm-s"), backend="llamacpp")
     with pytest.raises(EdgelmmError, match="unknown option.*n_ctxx"):
         load(ModelSpec(path="x.gguf", options={"n_ctxx": 1}), backend="llamacpp")
-    with pytest.raises(EdgelmmError, match="exceed"):
-        llama.generate([Request("circle " * 600)], GREEDY)
+    with pytest.raises(EdgelmmError, match="context"):
+        llama.generate([Request.chat("circle " * 600)], GREEDY)
+    with pytest.raises(EdgelmmError, match="outside the model's vocabulary"):
+        llama.generate([Request(token_ids=[1, 10**6])], GREEDY)
     gguf_path = llama.spec.path
     with pytest.raises(EdgelmmError, match="cannot apply edgelmm methods"):
         load(ModelSpec(path=gguf_path, methods=["fastv(k=2, keep=0.5)"]), backend="llamacpp")

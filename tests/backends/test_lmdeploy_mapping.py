@@ -49,8 +49,12 @@ def test_generation_config():
 
 def test_prompts():
     image = make_image()
-    assert prompt(Request("hi")) == "hi"
-    assert prompt(Request("what?", [image])) == ("what?", [image])
+    assert prompt(Request(text="hi")) == ("hi", False)
+    assert prompt(Request(text="what? <image>", images=[image])) == (("what? <image>", [image]), False)
+    messages, template = prompt(Request.chat("what?", [image]))
+    assert template and [p["type"] for p in messages[0]["content"]] == ["image_url", "text"]
+    with pytest.raises(EdgelmmError, match="not token ids"):
+        prompt(Request(token_ids=[1, 2]))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lmdeploy") is not None, reason="LMDeploy is installed")

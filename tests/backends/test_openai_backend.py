@@ -33,7 +33,7 @@ def remote(server, **options):
 
 
 def requests() -> list[Request]:
-    return [Request("What color is the circle?", [make_image(seed=i)]) for i in range(3)] + [Request("Hello!")]
+    return [Request.chat("What color is the circle?", [make_image(seed=i)]) for i in range(3)] + [Request.chat("Hello!")]
 
 
 def test_same_greedy_answers_as_in_process(served):
@@ -48,6 +48,46 @@ def test_same_greedy_answers_as_in_process(served):
         assert there.counts.prompt_tokens == here.counts.prompt_tokens
         assert there.counts.generated_tokens == len(here.token_ids)
         assert there.finish_reason == here.finish_reason
+
+
+def test_every_request_form_is_forwarded_as_it_is(served):
+    """Messages (several turns, an image between two texts), raw text and token ids reach the
+    server unchanged: the answers equal the model's in process, token ids never re-tokenized."""
+    server, engine = served
+    image = make_image(seed=5)
+    conversation = Request(messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image", "image": image},
+                                     {"type": "text", "text": "what is it?"}]},
+        {"role": "assistant", "content": "A circle."},
+        {"role": "user", "content": "And its color?"},
+    ])
+    text = Request(text="What color is the circle?")
+    ids = Request(token_ids=engine.backend.prompt_token_ids(requests()[0]), images=requests()[0].all_images())
+    params = SamplingParams(max_new_tokens=5, top_logprobs=2)
+    with remote(server) as backend:
+        for request in (conversation, text, ids):
+            [here] = engine.backend.generate([request], params)
+            [there] = backend.generate([request], params)
+            assert there.token_ids == here.token_ids and there.text == here.text
+            assert there.counts.prompt_tokens == here.counts.prompt_tokens
+            assert [[t for t, _ in top] for top in there.top_logprobs] == [[t for t, _ in top] for top in here.top_logprobs]
+
+
+def test_prompt_logprobs_through_echo_and_chat(served):
+    server, engine = served
+    params = SamplingParams(max_new_tokens=2, prompt_logprobs=1)
+    prompt = engine.backend.prompt_token_ids(Request.chat("What color is the circle?"))
+    with remote(server) as backend:
+        for request in (Request(token_ids=prompt), Request.chat("What color is the circle?")):
+            [here] = engine.backend.generate([request], params)
+            [there] = backend.generate([request], params)
+            assert there.prompt_token_ids == here.prompt_token_ids == prompt
+            assert [s.token_id for s in there.prompt_logprobs] == prompt
+            assert there.prompt_logprobs[0].logprob is None
+            assert [s.logprob for s in there.prompt_logprobs[1:]] == pytest.approx(
+                [s.logprob for s in here.prompt_logprobs[1:]], abs=1e-4)
+            assert there.token_ids == here.token_ids
 
 
 def test_client_side_timings_and_stream(served):
@@ -69,7 +109,7 @@ def test_client_side_timings_and_stream(served):
 def test_without_token_ids_it_counts_text_pieces(served):
     server, _ = served
     with remote(server, return_token_ids=False) as backend:
-        [result] = backend.generate([Request("Hello!")], SamplingParams(max_new_tokens=5))
+        [result] = backend.generate([Request.chat("Hello!")], SamplingParams(max_new_tokens=5))
     assert result.token_ids == [] and result.counts.generated_tokens >= 1 and result.text is not None
 
 
@@ -90,7 +130,7 @@ def test_request_errors_are_not_retried(served):
     with remote(server, retries=5, backoff_s=1.0) as backend:
         start = time.monotonic()
         with pytest.raises(EdgelmmError, match="400.*context"):
-            backend.generate([Request("circle " * 1200)], SamplingParams(max_new_tokens=4))
+            backend.generate([Request.chat("circle " * 1200)], SamplingParams(max_new_tokens=4))
         assert time.monotonic() - start < 1.0  # no back-off sleeps
 
 
@@ -111,7 +151,7 @@ def test_busy_server_is_retried(tmp_path):
         backend = load(ModelSpec(path="m", options={"base_url": server.url + "/v1", "retries": 2, "backoff_s": 0.01}),
                        backend="openai")
         with pytest.raises(EdgelmmError, match="503.*busy"):
-            backend.generate([Request("hi")], SamplingParams(max_new_tokens=2))
+            backend.generate([Request.chat("hi")], SamplingParams(max_new_tokens=2))
         backend.close()
         import httpx
 

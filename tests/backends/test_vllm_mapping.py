@@ -9,7 +9,8 @@ import pytest
 
 from edgelmm import EdgelmmError, ModelSpec, Request, SamplingParams
 from edgelmm.backends.registry import backend_class
-from edgelmm.backends.vllm_backend import conversation, engine_args, sampling_args
+from edgelmm.backends.engines import openai_messages
+from edgelmm.backends.vllm_backend import engine_args, engine_prompt, sampling_args
 from edgelmm.errors import MissingExtraError
 from edgelmm.hardware import load_profile
 from tests.tiny_models import make_image
@@ -47,12 +48,28 @@ def test_sampling_args():
         "n": 1, "max_tokens": 7, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": None}
     args = sampling_args(SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=1, stop=["\n"], logprobs=True))
     assert (args["top_k"], args["stop"], args["logprobs"], args["seed"]) == (40, ["\n"], 0, 1)
+    scored = sampling_args(SamplingParams(max_new_tokens=0, top_logprobs=3, prompt_logprobs=2))
+    assert (scored["max_tokens"], scored["logprobs"], scored["prompt_logprobs"]) == (1, 3, 2)
 
 
-def test_conversation_puts_images_first():
-    [message] = conversation(Request("What is it?", [make_image()]))
-    assert [part["type"] for part in message["content"]] == ["image_url", "text"]
-    assert message["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+def test_messages_keep_images_where_they_are():
+    image = make_image()
+    request = Request(messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image", "image": image},
+                                     {"type": "text", "text": "What is it?"}]},
+    ])
+    system, user = openai_messages(request)
+    assert system == {"role": "system", "content": "Be brief."}
+    assert [part["type"] for part in user["content"]] == ["text", "image_url", "text"]
+    assert user["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_text_and_token_prompts():
+    image = make_image()
+    assert engine_prompt(Request(text="USER: <image> hi")) == {"prompt": "USER: <image> hi"}
+    assert engine_prompt(Request(token_ids=[1, 2, 3], images=[image])) == {
+        "prompt_token_ids": [1, 2, 3], "multi_modal_data": {"image": image}}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")

@@ -30,7 +30,7 @@ def test_shipped_experiment_configs_load(name):
 def test_config_from_args_defaults_and_lists():
     config = bench_config_from_args("shapes-vlm-s", samples=4, device="cpu", max_new_tokens=5)
     assert [m.path for m in config.models] == ["shapes-vlm-s"]
-    assert config.backends == ["torch"] and config.methods == ["none"]
+    assert config.backends == ["torch"] and [str(m) for m in config.methods] == ["none"]
     assert [(t.name, t.path) for t in config.tasks] == [("shapes-vqa", None)]
     assert config.samples == 4 and config.sampling.max_new_tokens == 5 and config.batch_size == 1
 

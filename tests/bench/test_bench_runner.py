@@ -69,9 +69,9 @@ def test_eval_shares_the_path_with_one_pass(tiny_llava, tmp_path, monkeypatch):
 
 
 def test_failing_cell_stops_the_run_and_keeps_finished_cells(tiny_llava, tmp_path):
-    # `none` takes no arguments: the second cell fails when its method is applied at load
-    with pytest.raises(EdgelmmError, match=r"cell tiny-llava / torch / none\(x=1\) / shapes-vqa failed: bad arguments.*rerun"):
-        run_bench(config(tiny_llava, methods=["none", "none(x=1)"]), tmp_path, progress=False)
+    # the tiny model has 2 decoder layers: the second cell fails when its method is applied at load
+    with pytest.raises(EdgelmmError, match=r"cell tiny-llava / torch / fastv\(k=5, keep=0.5\) / shapes-vqa failed: .*k=5 is beyond.*rerun"):
+        run_bench(config(tiny_llava, methods=["none", "fastv(k=5, keep=0.5)"]), tmp_path, progress=False)
     assert [r["method"] for r in lines(tmp_path / "results.jsonl")] == ["none"]
     assert no_temp_files(tmp_path)
 
@@ -79,6 +79,10 @@ def test_failing_cell_stops_the_run_and_keeps_finished_cells(tiny_llava, tmp_pat
 def test_matrix_problems_fail_before_any_model_loads(tmp_path):
     with pytest.raises(EdgelmmError, match="unknown method 'nope'"):
         run_bench(config("no-such-model", methods=["nope"]), tmp_path, progress=False)
+    with pytest.raises(EdgelmmError, match="'none' takes no settings"):
+        run_bench(config("no-such-model", methods=["none(x=1)"]), tmp_path, progress=False)
+    with pytest.raises(EdgelmmError, match="AWQ needs calibration data"):
+        run_bench(config("no-such-model", methods=["awq(bits=4)"]), tmp_path, progress=False)
     with pytest.raises(EdgelmmError, match="two cells of the matrix are the same"):
         run_bench(config("no-such-model", tasks=["shapes-vqa", "shapes-vqa"]), tmp_path, progress=False)
     assert not (tmp_path / "results.jsonl").exists()
@@ -125,7 +129,7 @@ def test_resume_after_kill_skips_finished_cells(tiny_llava, tmp_path, monkeypatc
 
     calls = []
     generate = TorchBackend.generate
-    monkeypatch.setattr(TorchBackend, "generate", lambda self, reqs, params: calls.append(reqs[0].prompt) or generate(self, reqs, params))
+    monkeypatch.setattr(TorchBackend, "generate", lambda self, reqs, params: calls.append(reqs[0].messages[-1]["content"][-1]["text"]) or generate(self, reqs, params))
     rows = run_bench(config(tiny_llava, tasks=["shapes-vqa", "shapes-caption"]), out, progress=False)
     assert [r["task"] for r in rows] == ["shapes-vqa", "shapes-caption"]
     assert calls == ["Describe the image."] * 3  # warm-up + 2 samples of the second cell only

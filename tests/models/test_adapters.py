@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from edgelmm.request import Request
 from PIL import Image
 from torch import nn
 
@@ -97,7 +99,7 @@ def test_eos_token_ids_hold_the_end_of_turn_token(tiny, family):
 def test_chat_text_has_one_marker_per_image(tiny, family):
     _, _, adapter = tiny(family)
     square, wide = sample_images(family)
-    text = adapter.chat_text("What color is the circle?", [square, wide])
+    text = adapter.chat_text(Request.chat("What color is the circle?", [square, wide]).messages)
     assert text.count(IMAGE_MARKERS[family]) == 2 and "What color is the circle?" in text
 
 
@@ -106,7 +108,7 @@ def test_chat_text_has_one_marker_per_image(tiny, family):
 def test_build_inputs_expands_each_image_to_its_token_count(tiny, family, n_images):
     model, _, adapter = tiny(family)
     images = list(sample_images(family))[:n_images]
-    inputs = adapter.build_inputs("What color is the circle?", images)
+    inputs = adapter.build_inputs(Request.chat("What color is the circle?", images))
     mask = adapter.image_token_mask(inputs["input_ids"])
     assert mask.dtype == torch.bool and mask.shape == inputs["input_ids"].shape
     assert int(mask.sum()) == sum(expected_image_tokens(model, image) for image in images)
@@ -127,7 +129,7 @@ def assert_left_padded(inputs: dict[str, torch.Tensor], pad_id: int) -> None:
 def test_batch_of_two_prompts_with_images_is_left_padded_and_generates(tiny, family):
     model, _, adapter = tiny(family)
     square, wide = sample_images(family)
-    inputs = adapter.build_batch([("Describe the picture in one sentence please.", [square]), ("Color?", [wide])])
+    inputs = adapter.build_batch([Request.chat("Describe the picture in one sentence please.", [square]), Request.chat("Color?", [wide])])
     assert_left_padded(inputs, adapter.tokenizer.pad_token_id)
     counts = adapter.image_token_mask(inputs["input_ids"]).sum(1).tolist()
     assert counts == [expected_image_tokens(model, square), expected_image_tokens(model, wide)]
@@ -143,17 +145,17 @@ def test_batching_does_not_change_a_prompts_next_token_logits(tiny, family):
     """Left padding, attention mask and (m)RoPE positions line up: batched == one at a time."""
     model, _, adapter = tiny(family)
     square, wide = ([image] for image in sample_images(family)) if adapter.multimodal else ([], [])
-    items = [("Describe it in one sentence.", square), ("Color?", wide)]
+    items = [Request.chat("Describe it in one sentence.", square), Request.chat("Color?", wide)]
     with torch.no_grad():
         batched = model(**adapter.build_batch(items)).logits[:, -1]
-        alone = torch.cat([model(**adapter.build_inputs(*item)).logits[:, -1] for item in items])
+        alone = torch.cat([model(**adapter.build_inputs(item)).logits[:, -1] for item in items])
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_only_batch_is_left_padded_and_generates(tiny, family):
     model, _, adapter = tiny(family)
-    inputs = adapter.build_batch([("Hello! How can I help you today?", []), ("Hi", [])])
+    inputs = adapter.build_batch([Request.chat("Hello! How can I help you today?", []), Request.chat("Hi", [])])
     assert_left_padded(inputs, adapter.tokenizer.pad_token_id)
     assert not adapter.image_token_mask(inputs["input_ids"]).any()
     with torch.no_grad():
@@ -167,7 +169,7 @@ def test_bos_starts_each_prompt_exactly_once(tiny, family):
     it and the tokenizer must not add a second; the Qwen-style families have none."""
     _, _, adapter = tiny(family)
     bos = adapter.tokenizer.bos_token_id
-    inputs = adapter.build_batch([("What color is the circle?", []), ("Hi", [])])
+    inputs = adapter.build_batch([Request.chat("What color is the circle?", []), Request.chat("Hi", [])])
     for ids, attention in zip(inputs["input_ids"], inputs["attention_mask"]):
         real = ids[attention.bool()].tolist()
         assert real.count(bos) == (bos is not None) and (bos is None or real[0] == bos)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
+
+from edgelmm.request import Request
 
 from edgelmm.config import ModelSpec
 from edgelmm.errors import EdgelmmError
@@ -14,10 +15,13 @@ from edgelmm.models import registry
 from edgelmm.models.causal_lm import CausalLMAdapter
 from edgelmm.models.internvl import InternVLAdapter
 from edgelmm.models.llava import LlavaAdapter
-from edgelmm.models.loader import images_only, load_model, read_config, resolve_model_path
+from edgelmm.models.base import ModelAdapter
+from edgelmm.models.loader import load_model, read_config, resolve_checkpoint, resolve_model_path
+from edgelmm.models.processors import images_only
 from edgelmm.models.qwen2_vl import Qwen2VLAdapter
 from edgelmm.models.qwen3_vl import Qwen3VLAdapter
 from edgelmm.models.registry import adapter_class, get_adapter, supported_model_types
+from edgelmm.registry import MODEL_FAMILIES
 from tests.tiny_models import FAMILIES, VLM_FAMILIES, sample_images, save_tiny
 
 ADAPTER_OF = {
@@ -43,12 +47,20 @@ def test_get_adapter_reads_the_model_config(tiny, family):
     assert type(adapter) is ADAPTER_OF[family]
 
 
-def test_every_family_is_found_after_one_family_module_was_imported_alone(monkeypatch):
-    """As in a fresh process that imported edgelmm.models.llava before asking the registry."""
-    monkeypatch.setattr(registry, "ADAPTERS", {"llava": LlavaAdapter})
-    for module in registry.FAMILY_MODULES[1:]:
-        monkeypatch.delitem(sys.modules, module)
-    assert adapter_class("qwen2_vl").family == "qwen2_vl" and adapter_class("llama").family == "causal_lm"
+def test_a_family_from_outside_the_package_registers_by_model_type(monkeypatch):
+    class MyAdapter(ModelAdapter):
+        family = "my_family"
+        model_types = ("my_vlm",)
+
+    monkeypatch.setattr(MODEL_FAMILIES, "_entries", dict(MODEL_FAMILIES._entries))
+    registry.register_adapter(MyAdapter)
+    assert adapter_class("my_vlm") is MyAdapter and "my_vlm" in supported_model_types()
+    assert adapter_class("qwen2_vl") is Qwen2VLAdapter  # the built-ins are still there
+
+
+def test_a_checkpoint_is_read_once():
+    checkpoint = resolve_checkpoint("shapes-vlm-s")
+    assert checkpoint.model_type == "llava" and checkpoint.adapter_cls is LlavaAdapter and checkpoint.quantization is None
 
 
 def test_unknown_model_type_is_an_error_naming_it():
@@ -98,8 +110,8 @@ def test_save_tiny_then_load_model_gives_the_same_model(tiny, tmp_path, family):
         assert type(loaded_processor).__name__ == type(processor).__name__
 
     images = [sample_images(family)[0]] if family in VLM_FAMILIES else []
-    inputs = adapter.build_inputs("What color is the circle?", images)
-    assert torch.equal(inputs["input_ids"], original.build_inputs("What color is the circle?", images)["input_ids"])
+    inputs = adapter.build_inputs(Request.chat("What color is the circle?", images))
+    assert torch.equal(inputs["input_ids"], original.build_inputs(Request.chat("What color is the circle?", images))["input_ids"])
     with torch.no_grad():  # same seed, same weights: the reloaded model computes what the original does
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
 
@@ -124,6 +136,16 @@ def test_config_without_model_type_or_bad_json_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(EdgelmmError, match="invalid JSON"):
         read_config(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(EdgelmmError, match="not UTF-8"):
+        read_config(tmp_path)
+
+
+def test_a_corrupt_weights_file_is_one_error(tmp_path):
+    path = save_tiny("qwen2", tmp_path / "qwen2")
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(EdgelmmError, match="cannot load"):
+        load_model(ModelSpec(path=str(path), device="cpu"))
 
 
 def test_loading_an_unknown_model_type_names_it(tmp_path):

@@ -93,7 +93,7 @@ class GatedBackend(Backend):
         raise NotImplementedError
 
     def generate(self, requests, params):
-        self.batches.append([r.prompt for r in requests])
+        self.batches.append([r.messages[-1]["content"] for r in requests])
         assert self.gate.wait(30)
         return self.inner.generate(requests, params)
 

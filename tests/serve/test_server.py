@@ -46,7 +46,7 @@ def test_chat_with_image_matches_the_in_process_backend(client, served):
         model=MODEL, messages=image_message(image=image), max_tokens=6, temperature=0,
         extra_body={"return_token_ids": True},
     )
-    [expected] = engine.backend.generate([Request(QUESTION, [image])], SamplingParams(max_new_tokens=6))
+    [expected] = engine.backend.generate([Request.chat(QUESTION, [image])], SamplingParams(max_new_tokens=6))
     choice = response.choices[0]
     assert choice.message.content == expected.text
     assert choice.model_extra["token_ids"] == expected.token_ids
@@ -193,8 +193,14 @@ BAD = {
     "local file not allowed": (CHAT, image_body("/etc/hostname"), 400),
     "completion without prompt": ("/v1/completions", {"model": MODEL}, 400),
     "max_tokens 0 without echo": ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 0}, 400),
-    "list of prompts": ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400),
     "logprobs over 20": ("/v1/completions", {"model": MODEL, "prompt": "a", "logprobs": 21}, 400),
+    "an empty stop string": (CHAT, chat_body(stop=[""]), 400),
+    "seed of 2^64": (CHAT, chat_body(seed=2**64), 400),
+    "a literal image placeholder in user text": (CHAT, chat_body(messages=[{"role": "user", "content": "what is <image> here?"}]), 400),
+    "image tokens in token ids without images": ("/v1/completions", {"model": MODEL, "prompt": [1, 323, 5]}, 400),
+    "token ids outside the vocabulary": ("/v1/completions", {"model": MODEL, "prompt": [1, 10**7]}, 400),
+    "images without a placeholder": ("/v1/completions", {"model": MODEL, "prompt": "hi", "images": [data_url()]}, 400),
+    "images with several prompts": ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"], "images": [data_url()]}, 400),
 }
 
 
@@ -206,6 +212,14 @@ def test_bad_input_gets_an_openai_error(url, case):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
+
+
+def test_only_json_bodies_are_read(url):
+    """A web page can post a form to a local server without asking; only JSON is accepted."""
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": kind} if kind else {}
+        response = httpx.post(url + CHAT, content=b'{"model": "x"}', headers=headers)
+        assert response.status_code == 415 and response.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_oversized_body_is_refused_before_reading(url):
@@ -278,3 +292,122 @@ def test_official_client_with_key_and_local_file(guarded, tmp_path):
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}],
         )
         assert response.usage.prompt_tokens > 16
+
+
+# ---------------------------------------------------------------- what real clients rely on
+
+
+def test_a_list_of_prompts_is_answered_in_order(client, served):
+    """lm-eval's batch_size > 1: several prompts in one /v1/completions request."""
+    backend = served[1].backend
+    prompts = ["What color is", "How many squares", "Describe the picture"]
+    response = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, temperature=0)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, response.choices):
+        alone = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0).choices[0]
+        assert choice.text == alone.text
+    assert response.usage.prompt_tokens == sum(len(backend.adapter.tokenizer(p).input_ids) for p in prompts)
+    streamed = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, temperature=0, stream=True))
+    texts = ["".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert texts == [c.text for c in response.choices]
+
+
+def test_token_id_prompts_are_used_as_given_and_ids_come_back(client, served):
+    backend = served[1].backend
+    ids = backend.adapter.tokenizer("What color is the circle?").input_ids
+    ids_of_text = client.completions.create(model=MODEL, prompt="What color is the circle?", max_tokens=4, temperature=0,
+                                            extra_body={"return_token_ids": True}).choices[0]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0,
+                                       extra_body={"return_token_ids": True}).choices[0]
+    assert by_ids.model_extra["prompt_token_ids"] == ids == ids_of_text.model_extra["prompt_token_ids"]  # no echo needed
+    assert by_ids.model_extra["token_ids"] == ids_of_text.model_extra["token_ids"]
+    odd = [ids[0], *reversed(ids[1:])]  # not what the tokenizer would make of its own text
+    choice = client.completions.create(model=MODEL, prompt=odd, max_tokens=0, echo=True, logprobs=0,
+                                       extra_body={"return_token_ids": True}).choices[0]
+    assert choice.model_extra["prompt_token_ids"] == odd
+
+
+def test_many_stop_strings(client):
+    """lm-eval adds the end-of-sequence string to a task's four stop strings."""
+    stops = ["\n\n", "Question:", "</s>", "<|im_end|>", "Q:", "###"]
+    response = client.completions.create(model=MODEL, prompt="What color is", max_tokens=4, temperature=0, stop=stops)
+    assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def eos_biased(backend):
+    """Make the end token the tiny model's first choice (a hook on lm_head); undo with .remove()."""
+    eos = backend.adapter.eos_token_ids()[0]
+    bias = torch.zeros(backend.adapter.lm_head().out_features)
+    bias[eos] = 1e4
+    return eos, backend.adapter.lm_head().register_forward_hook(lambda module, args, out: out + bias)
+
+
+def test_the_end_token_is_kept_in_ids_logprobs_and_usage(client, served):
+    """As vLLM: lm-eval's loglikelihood asks max_tokens 1 with echo and drops the last entry, which
+    must be the generated token even when that is the end token."""
+    backend = served[1].backend
+    prompt = "What color is the circle?"
+    eos, hook = eos_biased(backend)
+    try:
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                             logprobs=1, extra_body={"return_token_ids": True})
+        chat = client.chat.completions.create(model=MODEL, messages=image_message(), max_tokens=4, temperature=0,
+                                              logprobs=True, extra_body={"return_token_ids": True})
+        chunks = list(client.chat.completions.create(model=MODEL, messages=image_message(), max_tokens=4, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+    finally:
+        hook.remove()
+    choice = response.choices[0]
+    n = len(backend.adapter.tokenizer(prompt).input_ids)
+    assert choice.model_extra["token_ids"] == [eos] and response.usage.completion_tokens == 1
+    assert len(choice.logprobs.token_logprobs) == n + 1 and choice.text == prompt
+    assert choice.finish_reason == "stop"
+    message = chat.choices[0]
+    assert message.message.content == "" and message.finish_reason == "stop"
+    assert message.model_extra["token_ids"] == [eos] and len(message.logprobs.content) == 1
+    assert chat.usage.completion_tokens == 1
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"] and chunks[-1].usage.completion_tokens == 1
+
+
+def test_stream_and_whole_answer_agree_in_every_field(client, served):
+    kwargs = dict(model=MODEL, messages=image_message(), max_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
+                  extra_body={"return_token_ids": True})
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert [t for c in chunks for t in c.choices[0].model_extra.get("token_ids") or []] == whole.model_extra["token_ids"]
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in whole.logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole.logprobs.content], abs=1e-4)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [whole.finish_reason]
+
+
+def test_a_stop_string_is_never_streamed(client):
+    base = dict(model=MODEL, prompt="Describe the picture in one sentence:", max_tokens=10, temperature=0)
+    text = client.completions.create(**base).choices[0].text
+    if len(text) < 4:
+        pytest.skip("the tiny model says too little to cut")
+    stop = text[2:4]
+    whole = client.completions.create(**base, stop=[stop]).choices[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**base, stop=[stop], stream=True) if c.choices)
+    assert whole.text == streamed == text[: text.index(stop)] and whole.finish_reason == "stop"
+
+
+def test_prompt_logprobs_on_chat_and_ids_as_token_names(client, served):
+    """vLLM's extensions: chat prompt_logprobs, and tokens named 'token_id:N' for clients without the tokenizer."""
+    backend = served[1].backend
+    response = client.chat.completions.create(model=MODEL, messages=image_message(), max_tokens=2, temperature=0,
+                                              logprobs=True, top_logprobs=2,
+                                              extra_body={"prompt_logprobs": 1, "return_tokens_as_token_ids": True,
+                                                          "return_token_ids": True})
+    choice = response.choices[0]
+    prompt_ids = choice.model_extra["prompt_token_ids"]
+    scores = response.model_extra["prompt_logprobs"]
+    assert len(scores) == len(prompt_ids) and scores[0] is None
+    assert all(str(t) in entry for t, entry in zip(prompt_ids[1:], scores[1:]))
+    assert [e.token for e in choice.logprobs.content] == [f"token_id:{t}" for t in choice.model_extra["token_ids"]]
+    [here] = backend.generate([Request(token_ids=prompt_ids, images=[make_image()])],
+                              SamplingParams(max_new_tokens=0, prompt_logprobs=0))
+    got = [entry[str(t)]["logprob"] for t, entry in zip(prompt_ids[1:], scores[1:])]
+    assert got == pytest.approx([s.logprob for s in here.prompt_logprobs[1:]], abs=1e-4)

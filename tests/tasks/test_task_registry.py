@@ -3,7 +3,8 @@ import pytest
 from edgelmm.config import TaskSpec
 from edgelmm.demo.shapes import TRAIN_SEED_BASE, VQA_KINDS
 from edgelmm.errors import EdgelmmError
-from edgelmm.tasks import TASKS, Task, TaskSample, available_tasks, get_task, register_task
+from edgelmm.registry import TASKS
+from edgelmm.tasks import Task, TaskSample, available_tasks, get_task, register_task
 
 
 def test_builtin_tasks_are_registered():
@@ -60,4 +61,4 @@ def test_a_new_task_plugs_in_by_name():
         assert task.label == "echo-test"
         assert [task.score(s.reference, s) for s in task.samples(3)] == [1.0, 1.0, 1.0]
     finally:
-        del TASKS["echo-test"]
+        del TASKS._entries["echo-test"]

@@ -1,25 +1,43 @@
-"""The one interface every engine sits behind.
+"""The one interface every engine sits behind, and the types it answers in.
 
 Nothing here names torch: a backend may run in process (transformers, vLLM, llama.cpp) or talk
-to a server, and the benchmark, server and collaboration code only ever see these types.
+to a server, and the benchmark, server and collaboration code only ever see these types. A
+request is a `Request` (messages, text or token ids, see `edgelmm.request`); what to decode and
+which scores to return is `SamplingParams`; the answer is a `Result` (or a stream of
+`TokenEvent`s ending in one).
+
+Tokens and text follow vLLM: the end-of-sequence token a model generates is kept in
+`token_ids`, `logprobs` and the counts, and left out of the text; a stop string ends the text
+before it (the tokens that spelled it stay in `token_ids`); a stream never shows a stop string,
+nor the start of one that may still complete.
 """
 
 from __future__ import annotations
 
 import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgelmm.config import ModelSpec, SamplingParams
+from edgelmm.errors import EdgelmmError, RequestError
+from edgelmm.request import Request
+
+__all__ = [
+    "Backend", "Counts", "Detokenizer", "Request", "Result", "Timings", "TokenEvent", "TokenScore", "check_context",
+]
 
 
 @dataclass
-class Request:
-    prompt: str
-    images: list[Any] = field(default_factory=list)  # PIL images
-    id: str | None = None
+class TokenScore:
+    """One position of a sequence: the token there, its log-probability given everything before
+    it (None for a sequence's first token, which nothing precedes), and the `top` most likely
+    tokens at that position as (token id, log-probability), best first."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -51,7 +69,7 @@ class Timings:
 
 @dataclass
 class Counts:
-    prompt_tokens: int
+    prompt_tokens: int | None  # None where an engine does not say (a server that sends no usage)
     visual_tokens: int
     generated_tokens: int
 
@@ -59,12 +77,16 @@ class Counts:
 @dataclass
 class Result:
     text: str
-    token_ids: list[int]
-    logprobs: list[float] | None
+    token_ids: list[int]  # every generated token, the end-of-sequence token included
+    logprobs: list[float] | None  # one per token_ids entry, when asked
     timings: Timings
     counts: Counts
     peak_memory_bytes: int | None
     finish_reason: str = "length"  # "stop" (end of sequence or stop string) or "length"
+    stop_reason: str | int | None = None  # the stop string, or the end token's id, that ended it
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per generated token, when asked
+    prompt_token_ids: list[int] | None = None  # what the model read, image tokens expanded
+    prompt_logprobs: list[TokenScore] | None = None  # one per prompt token, when asked
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,10 +97,75 @@ class TokenEvent:
     """One step of a stream; the last event has `result` set."""
 
     token_id: int | None
-    text: str  # the new text this token adds (may be empty inside a multi-byte character)
+    text: str  # the new text this token lets the stream show (may be empty: held back, or EOS)
     logprob: float | None
     time_s: float  # since the request started
+    top: list[tuple[int, float]] | None = None
     result: Result | None = None
+
+
+class Detokenizer:
+    """Generated token ids -> the text a user may see, as the ids arrive.
+
+    Incremental detokenization as vLLM and transformers' streamers do it (decode a small window
+    and keep what it adds, never half a multi-byte character), end tokens skipped, and stop
+    strings applied: `push` returns only text that cannot turn out to begin a stop string, and
+    once one completes, `stopped` names it and nothing after it is shown.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str], end_tokens: set[int]):
+        self.decode, self.stop, self.end_tokens = decode, list(stop), end_tokens
+        self.ids: list[int] = []
+        self.text = ""  # everything decoded so far (stop strings included)
+        self.shown = 0  # characters of `text` handed out
+        self.stopped: str | None = None
+        self._prefix = self._read = 0
+
+    def push(self, token: int) -> str:
+        if self.stopped is not None or token in self.end_tokens:
+            return ""
+        self.ids.append(token)
+        prefix_text = self.decode(self.ids[self._prefix:self._read])
+        new_text = self.decode(self.ids[self._prefix:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""  # inside a multi-byte character, or a token that adds no text yet
+        self.text += new_text[len(prefix_text):]
+        self._prefix, self._read = self._read, len(self.ids)
+        return self._release()
+
+    def _release(self) -> str:
+        longest = max((len(s) for s in self.stop), default=0)
+        start = max(0, self.shown - longest + 1)
+        cuts = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if cuts:
+            cut, self.stopped = min(cuts)
+            end = max(cut, self.shown)
+        else:  # hold back a tail that may still grow into a stop string
+            hold = max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+            end = max(len(self.text) - hold, self.shown)
+        delta, self.shown = self.text[self.shown:end], end
+        return delta
+
+    def flush(self) -> str:
+        """At the end of generation: the held-back tail that never became a stop string."""
+        if self.stopped is not None:
+            return ""
+        delta, self.shown = self.text[self.shown:], len(self.text)
+        return delta
+
+    @property
+    def final_text(self) -> str:
+        return self.text[: self.shown] if self.stopped is not None else self.text
+
+
+def check_context(prompt_tokens: int, params: SamplingParams, max_context: int | None) -> None:
+    """A prompt plus the tokens asked for must fit the model's context."""
+    if max_context is not None and prompt_tokens + params.max_new_tokens > max_context:
+        raise RequestError(
+            f"this model's context is {max_context} tokens, but the prompt has {prompt_tokens} and "
+            f"{params.max_new_tokens} more were asked for",
+            "shorten the prompt or lower max_new_tokens", code="context_length_exceeded",
+        )
 
 
 class Backend(ABC):
@@ -98,6 +185,21 @@ class Backend(ABC):
     @abstractmethod
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]: ...
 
+    # ------------------------------------------------------------ token-level access, where the engine has it
+    @property
+    def max_context(self) -> int | None:
+        """Prompt plus generated tokens the model can attend to; None where unknown."""
+        return None
+
+    def prompt_token_ids(self, request: Request) -> list[int] | None:
+        """The ids the model reads for a request (image tokens expanded); None where unknown."""
+        return None
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token as text on its own, special tokens included (for log-probability entries)."""
+        raise EdgelmmError(f"the {self.name} backend cannot turn token ids into text")
+
+    # ------------------------------------------------------------ helpers
     def generate_sequentially(self, requests: list[Request], params: SamplingParams) -> list[Result]:
         """`generate` for engines that run one sequence at a time: each result from its own stream."""
         results = []

@@ -8,15 +8,11 @@ chat template is rendered from the GGUF exactly as transformers renders it (so b
 the same token ids), the clock is stamped when each token's logits exist (the same point the
 torch backend stamps), and greedy / temperature / top-k / top-p mean what they mean in every
 other backend. Only the language model is in the GGUF: requests with images are refused.
-
-It also implements the server's TextAccess (raw prompts, chat rendering, scoring), so
-`edgelmm serve model.gguf --backend llamacpp` serves /v1/completions; scoring (echo,
-top_logprobs) needs `logits_all: true`, which keeps every position's logits.
+Prompt log-probabilities need `logits_all: true`, which keeps every position's logits.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections.abc import Iterator
@@ -25,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent
-from edgelmm.backends.openai_backend import engine_options
+from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result, Timings, TokenEvent, TokenScore, check_context
+from edgelmm.backends.engines import engine_options, no_methods
 from edgelmm.config import ModelSpec, SamplingParams
-from edgelmm.errors import EdgelmmError, MissingExtraError
+from edgelmm.errors import EdgelmmError, MissingExtraError, RequestError
 
 OPTIONS = {
     "gguf": None,  # the GGUF file; default: spec.path when it ends in .gguf
@@ -36,7 +32,7 @@ OPTIONS = {
     "n_threads": None,  # default: every core
     "n_batch": 512,
     "n_gpu_layers": 0,  # -1: all layers on the GPU (a CUDA/Metal build of llama-cpp-python)
-    "logits_all": False,  # keep every position's logits: needed for scoring (echo, top_logprobs)
+    "logits_all": False,  # keep every position's logits: needed for prompt log-probabilities
     "seed": 0,
 }
 CHAT_PARTS_KEY = "edgelmm.chat_content_parts"
@@ -85,7 +81,6 @@ class LlamaCppBackend(Backend):
         super().__init__()
         self.llm: Any = None
         self.options: dict[str, Any] = {}
-        self.raw = False  # the TextAccess raw view: prompts are the model's whole text
         self._template: Any = None
         self._llama_cpp: Any = None
         self._eos: set[int] = set()  # end-of-generation tokens (EOS, EOT, ...)
@@ -103,9 +98,7 @@ class LlamaCppBackend(Backend):
                                "export one with `edgelmm export gguf MODEL OUT.gguf` and pass it as the model or options.gguf")
         if not path.is_file():
             raise EdgelmmError(f"GGUF file not found: {path}", "check the path, or export it with `edgelmm export gguf`")
-        if any(m.strip() != "none" for m in spec.methods):
-            raise EdgelmmError("the llamacpp backend cannot apply edgelmm methods to a GGUF",
-                               "quantize at export instead (edgelmm export gguf --outtype q8_0)")
+        no_methods(spec, self.name, "quantize at export instead (edgelmm export gguf --outtype q8_0)")
         metadata = _fields(path)
         trained = metadata.get("context_length", 0)
         self.llm = llama_cpp.Llama(
@@ -118,7 +111,7 @@ class LlamaCppBackend(Backend):
         self._eos = set(metadata.get(EOS_KEY) or []) or self._end_of_generation()
 
     def close(self) -> None:
-        if self.llm is not None and not self.raw:
+        if self.llm is not None:
             self.llm.close()
         self.llm = None
 
@@ -151,34 +144,42 @@ class LlamaCppBackend(Backend):
         return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace") if token_id >= 0 else ""
 
     @property
-    def max_context(self) -> int:
-        return self.llm.n_ctx()
-
-    def raw_backend(self) -> Backend:
-        view = copy.copy(self)
-        view.raw = True
-        return view
+    def max_context(self) -> int | None:
+        return self.llm.n_ctx() if self.llm is not None else None
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         if self._template is None:
-            raise EdgelmmError("the GGUF has no chat template (tokenizer.chat_template)", "send a raw prompt to /v1/completions")
+            raise RequestError("the GGUF has no chat template (tokenizer.chat_template)", "send a raw text prompt")
+        parts = self.llm.metadata.get(CHAT_PARTS_KEY) == "true"
+        converted = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, list):
+                if any(p["type"] == "image" for p in content):
+                    raise RequestError("the llamacpp backend runs the language model only (the GGUF holds no vision tower)",
+                                       "send text-only requests, or use the torch backend for images")
+                content = content if parts else "".join(p["text"] for p in content)
+            elif parts:
+                content = [{"type": "text", "text": content}]
+            converted.append({"role": "system" if message["role"] == "developer" else message["role"], "content": content})
         return self._template.render(
-            messages=messages, add_generation_prompt=True,
+            messages=converted, add_generation_prompt=True,
             bos_token=self._special_text(self.llm.token_bos()), eos_token=self._special_text(self.llm.token_eos()),
         )
 
-    def _text(self, request: Request) -> str:
+    def prompt_token_ids(self, request: Request) -> list[int]:
+        if self.llm is None:
+            raise EdgelmmError("the llamacpp backend has no model loaded", "call load(spec) first")
         if request.images:
-            raise EdgelmmError("the llamacpp backend runs the language model only (the GGUF holds no vision tower)",
+            raise RequestError("the llamacpp backend runs the language model only (the GGUF holds no vision tower)",
                                "send text-only requests, or use the torch backend for images")
-        if self.raw:
-            return request.prompt
-        parts = self.llm.metadata.get(CHAT_PARTS_KEY) == "true"
-        content: Any = [{"type": "text", "text": request.prompt}] if parts else request.prompt
-        return self.render_chat([{"role": "user", "content": content}])
-
-    def prompt_ids(self, request: Request, raw: bool) -> list[int]:
-        text = (self.raw_backend() if raw else self)._text(request)
+        if request.token_ids is not None:
+            vocab = self.llm.n_vocab()
+            bad = next((t for t in request.token_ids if t >= vocab), None)
+            if bad is not None:
+                raise RequestError(f"token id {bad} is outside the model's vocabulary (ids 0..{vocab - 1})")
+            return list(request.token_ids)
+        text = self.render_chat(request.messages) if request.messages is not None else request.text
         bos = self._special_text(self.llm.token_bos())
         add_bos = self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" and not (bos and text.startswith(bos))
         return self.llm.tokenize(text.encode(), add_bos=add_bos, special=True)
@@ -189,24 +190,17 @@ class LlamaCppBackend(Backend):
     def token_texts(self, token_ids: list[int]) -> list[str]:
         return [self.decode([t]) for t in token_ids]
 
-    def score(self, prompt: Request | list[int], raw: bool, continuation: list[int], top: int) -> tuple[list[int], list[Any]]:
-        from edgelmm.serve.text import TokenScore
-
+    def _prompt_scores(self, ids: list[int], top: int) -> list[TokenScore]:
+        """Teacher-forced scores of the prompt just evaluated (llm.eval(ids) with logits_all)."""
         if not self.options["logits_all"]:
-            raise EdgelmmError("scoring tokens (echo, top_logprobs) with the llamacpp backend needs every position's logits",
+            raise RequestError("prompt log-probabilities with the llamacpp backend need every position's logits",
                                "load it with options: {logits_all: true}")
-        ids = prompt if isinstance(prompt, list) else self.prompt_ids(prompt, raw)
-        full = list(ids) + list(continuation)
-        self.llm.reset()
-        self.llm.eval(full)
-        logprobs = np.stack([_log_softmax(row.astype(np.float64)) for row in self.llm.scores[: len(full) - 1]])
-        texts = self.token_texts(full)
-        scores = [TokenScore(full[0], texts[0], None)]
-        for i, token in enumerate(full[1:]):
-            best = np.argsort(-logprobs[i])[:top] if top else []
-            alternatives = [(self.decode([int(b)]), float(logprobs[i, b])) for b in best]
-            scores.append(TokenScore(token, texts[i + 1], float(logprobs[i, token]), alternatives))
-        return list(ids), scores
+        scores = [TokenScore(ids[0], None)]
+        for i, token in enumerate(ids[1:]):
+            logprobs = _log_softmax(self.llm.scores[i].astype(np.float64))
+            best = np.argsort(-logprobs)[:top] if top else []
+            scores.append(TokenScore(token, float(logprobs[token]), [(int(b), float(logprobs[b])) for b in best]))
+        return scores
 
     # ------------------------------------------------------------ generation
     def _last_logits(self) -> np.ndarray:
@@ -214,57 +208,57 @@ class LlamaCppBackend(Backend):
         return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy()
 
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]:
-        if self.llm is None:
-            raise EdgelmmError("the llamacpp backend has no model loaded", "call load(spec) first")
         from edgelmm.utils.memory import PeakMemory
 
         t0 = time.perf_counter()
-        prompt = self.prompt_ids(request, self.raw)
-        if len(prompt) + params.max_new_tokens > self.max_context:
-            raise EdgelmmError(f"prompt ({len(prompt)} tokens) plus {params.max_new_tokens} new tokens exceed "
-                               f"the context of {self.max_context}", "raise options.n_ctx or shorten the prompt")
+        prompt = self.prompt_token_ids(request)
+        check_context(len(prompt), params, self.max_context)
         rng = np.random.default_rng(params.seed if params.seed is not None else self.options["seed"])
-        eos = self._eos
+        detok = Detokenizer(lambda ids: self.llm.detokenize(ids).decode("utf-8", errors="replace"), params.stop, self._eos)
         ids: list[int] = []
         logprobs: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
         stamps: list[float] = []
-        text, finish = "", "length"
+        prompt_scores = None
+        finish, reason = "length", None
         with PeakMemory("cpu") as peak:
             self.llm.reset()
             self.llm.eval(prompt)
+            if params.prompt_logprobs is not None:
+                prompt_scores = self._prompt_scores(prompt, params.prompt_logprobs)
             for _ in range(params.max_new_tokens):
                 logits = self._last_logits()
                 stamps.append(time.perf_counter())
                 token = pick(logits, params, rng)
-                if token in eos:
-                    finish = "stop"
-                    break
                 ids.append(token)
-                logprob = float(_log_softmax(logits.astype(np.float64))[token]) if params.logprobs else None
-                if logprob is not None:
+                logprob, top = None, None
+                if params.wants_logprobs:
+                    scores = _log_softmax(logits.astype(np.float64))
+                    logprob = float(scores[token])
                     logprobs.append(logprob)
-                decoded = self.llm.detokenize(ids).decode("utf-8", errors="replace")
-                delta = "" if decoded.endswith("\ufffd") else decoded[len(text):]
-                text = text if decoded.endswith("\ufffd") else decoded
-                stop = next((s for s in params.stop if s in decoded), None)
-                if stop is not None:
-                    finish = "stop"
+                    if params.top_logprobs:
+                        top = [(int(b), float(scores[b])) for b in np.argsort(-scores)[: params.top_logprobs]]
+                        tops.append(top)
+                delta = detok.push(token)
+                yield TokenEvent(token, delta, logprob, stamps[-1] - t0, top)
+                if token in self._eos:
+                    finish, reason = "stop", token
                     break
-                yield TokenEvent(token, delta, logprob, stamps[-1] - t0)
+                if detok.stopped is not None:
+                    finish, reason = "stop", detok.stopped
+                    break
                 if len(ids) < params.max_new_tokens:
                     self.llm.eval([token])
-        final = self.llm.detokenize(ids).decode("utf-8", errors="replace")
-        for stop in params.stop:
-            cut = final.find(stop)
-            if cut >= 0:
-                final = final[:cut]
-        if len(final) > len(text) and final.startswith(text):
-            yield TokenEvent(None, final[len(text):], None, time.perf_counter() - t0)
+        tail = detok.flush()
+        if tail:
+            yield TokenEvent(None, tail, None, time.perf_counter() - t0)
         end = time.perf_counter()
         result = Result(
-            text=final, token_ids=ids, logprobs=logprobs if params.logprobs else None,
+            text=detok.final_text, token_ids=ids, logprobs=logprobs if params.wants_logprobs else None,
             timings=Timings.from_stamps(t0, stamps[: max(len(ids), 1)], end),
             counts=Counts(len(prompt), 0, len(ids)), peak_memory_bytes=peak.bytes, finish_reason=finish,
+            stop_reason=reason, top_logprobs=tops if params.top_logprobs else None,
+            prompt_token_ids=prompt, prompt_logprobs=prompt_scores,
         )
         yield TokenEvent(None, "", None, end - t0, result=result)
 

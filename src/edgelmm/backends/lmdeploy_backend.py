@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent
-from edgelmm.backends.openai_backend import cuda_engine_profile, engine_options
+from edgelmm.backends.engines import cuda_engine_profile, engine_options, openai_messages
 from edgelmm.config import EngineDefaults, HardwareProfile, ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError
 
@@ -70,14 +70,20 @@ def generation_config(params: SamplingParams) -> dict[str, Any]:
         args["random_seed"] = params.seed
     if params.stop:
         args["stop_words"] = list(params.stop)
-    if params.logprobs:
-        args["logprobs"] = 1
+    if params.wants_logprobs:
+        args["logprobs"] = max(params.top_logprobs, 1)
     return args
 
 
-def prompt(request: Request) -> Any:
-    """LMDeploy's prompt form: text, or (text, images) for a VLM; the pipeline applies the template."""
-    return (request.prompt, list(request.images)) if request.images else request.prompt
+def prompt(request: Request) -> tuple[Any, bool]:
+    """LMDeploy's prompt form and whether the pipeline should apply the chat template: OpenAI-form
+    messages (images as data URLs), which it renders itself, or a raw text prompt with its images."""
+    if request.messages is not None:
+        return openai_messages(request), True
+    if request.token_ids is not None:
+        raise EdgelmmError("the lmdeploy backend takes messages or text, not token ids",
+                           "send text, or use the torch, llamacpp or vllm backend for token-id prompts")
+    return ((request.text, list(request.images)) if request.images else request.text), False
 
 
 class LMDeployBackend(Backend):
@@ -115,12 +121,17 @@ class LMDeployBackend(Backend):
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]:
         if self.pipe is None:
             raise EdgelmmError("the lmdeploy backend has no model loaded", "call load(spec) first")
+        if params.prompt_logprobs is not None or params.top_logprobs:
+            raise EdgelmmError("the lmdeploy backend returns no prompt or top log-probabilities",
+                               "use the torch, llamacpp or vllm backend for scoring")
+        engine_prompt, template = prompt(request)
         t0 = time.perf_counter()
         stamps: list[float] = []
         ids: list[int] = []
         logprobs: list[float] = []
         text, finish, prompt_tokens = "", "length", 0
-        for out in self.pipe.stream_infer([prompt(request)], gen_config=self._gen_cls(**generation_config(params))):
+        gen_config = self._gen_cls(**generation_config(params))
+        for out in self.pipe.stream_infer([engine_prompt], gen_config=gen_config, do_preprocess=template):
             now = time.perf_counter()
             new_ids = list(out.token_ids or [])
             stamps += [now] * len(new_ids)
@@ -134,7 +145,7 @@ class LMDeployBackend(Backend):
             yield TokenEvent(new_ids[0] if single else None, out.text, logprobs[-1] if single and logprobs else None, now - t0)
         end = time.perf_counter()
         result = Result(
-            text=text, token_ids=ids, logprobs=logprobs if params.logprobs else None,
+            text=text, token_ids=ids, logprobs=logprobs if params.wants_logprobs else None,
             timings=Timings.from_stamps(t0, stamps, end),
             counts=Counts(prompt_tokens, 0, len(ids)),
             peak_memory_bytes=None,  # TurboMind reserves its cache up front; a peak says nothing

@@ -3,19 +3,28 @@ TensorRT-LLM, or `edgelmm serve`.
 
     load(ModelSpec(path="shapes-vlm-s", options={"base_url": "http://127.0.0.1:8000/v1"}), backend="openai")
 
-`spec.path` is the model name the server knows. Every request is streamed, so TTFT and the time
-of each token are measured here, on the client side: what a user of that server sees, the
-network included. Peak memory is the server's business and is left None; visual tokens are not
-reported by the API and count 0. Connection failures, time-outs and 429/5xx answers before the
-first token are retried with exponential back-off; other 4xx answers fail at once with the
-server's own message. A stream that breaks after tokens have arrived is not retried (the
-tokens would be counted twice).
+`spec.path` is the model name the server knows. Requests go out as they came in: messages to
+`/chat/completions` (images as data URLs where they are in the conversation), text and token
+ids to `/completions` (token ids as a token-id prompt, never re-tokenized; images of a text
+prompt in `images`, which only `edgelmm serve` reads). Generation is streamed, so TTFT and the
+time of each token are measured here, on the client side: what a user of that server sees, the
+network included. Prompt log-probabilities are asked for as the server's API allows:
+`echo` + `logprobs` on completions (the OpenAI legacy form vLLM keeps), vLLM's `prompt_logprobs`
+on chat; those requests are not streamed. Peak memory is the server's business and is None;
+visual tokens are not reported by the API and count 0; prompt tokens are None when the server
+sends no usage.
+
+Token ids: the OpenAI API names tokens by their text. With `return_token_ids` (edgelmm serve
+and vLLM) the server also sends the ids and names every log-probability's token by id
+(`return_tokens_as_token_ids`), which top and prompt log-probabilities need here.
+
+Connection failures, time-outs and 408/429/5xx answers before the first token are retried with
+exponential back-off; other 4xx answers fail at once with the server's own message. A stream
+that breaks after tokens have arrived is not retried (the tokens would be counted twice).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import time
@@ -23,7 +32,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent
+from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent, TokenScore
+from edgelmm.backends.engines import engine_options, image_data_url, no_methods, openai_messages
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError
 
@@ -35,72 +45,49 @@ OPTIONS = {
     "retries": 3,
     "backoff_s": 0.5,  # first wait; doubles per retry
     "concurrency": 4,  # requests of one generate() call in flight at once
-    "return_token_ids": False,  # ask for token ids (edgelmm serve, vLLM); other servers may refuse the field
+    "return_token_ids": False,  # ask for token ids (edgelmm serve, vLLM); other servers may refuse the fields
     "check_model": True,  # at load, check that GET /models lists the model
 }
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-def engine_options(spec: ModelSpec, known: dict[str, Any], backend: str) -> dict[str, Any]:
-    """spec.options over the backend's defaults; an unknown key is an error, not a silent no-op.
-
-    Options may be grouped by backend name (`{openai: {base_url: ...}, llamacpp: {gguf: ...}}`),
-    so that one model spec serves a benchmark matrix over several engines: each backend reads its
-    own group and skips the others'.
-    """
-    from edgelmm.backends.registry import BACKENDS
-
-    own = spec.options.get(backend)
-    given = own if isinstance(own, dict) else {k: v for k, v in spec.options.items() if k not in BACKENDS}
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise EdgelmmError(f"unknown option(s) {', '.join(unknown)} for the {backend} backend",
-                           f"known options: {', '.join(sorted(known))}")
-    return {**known, **given}
+def _token_id(token: str) -> int | None:
+    """A token named by id ('token_id:123', vLLM's return_tokens_as_token_ids), else None."""
+    return int(token[9:]) if token.startswith("token_id:") and token[9:].isdigit() else None
 
 
-def cuda_engine_profile(spec: ModelSpec, known: dict[str, Any], backend: str, own_options: str) -> Any:
-    """Checks shared by the CUDA-only engines (vLLM, LMDeploy), then their hardware profile:
-    they cannot take edgelmm's methods and need a GPU; `own_options` names what to use instead."""
-    import torch
-
-    from edgelmm.hardware import guess_profile, load_profile
-
-    if any(m.strip() != "none" for m in spec.methods):
-        raise EdgelmmError(f"the {backend} backend cannot apply edgelmm methods to its model",
-                           f"use {own_options} or the torch backend")
-    if not torch.cuda.is_available():
-        raise EdgelmmError(f"the {backend} backend needs a CUDA GPU", "use the torch or llamacpp backend on this machine")
-    hardware = engine_options(spec, known, backend)["hardware"]
-    return load_profile(hardware) if hardware else guess_profile("cuda")
-
-
-def image_data_url(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def chat_body(model: str, request: Request, params: SamplingParams, return_token_ids: bool) -> dict[str, Any]:
-    """The /chat/completions body for one request: images first, then the text, as our adapters do."""
-    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in request.images]
-    content.append({"type": "text", "text": request.prompt})
+def request_body(model: str, request: Request, params: SamplingParams, token_ids: bool, stream: bool) -> tuple[str, dict[str, Any]]:
+    """(route, body) for one request, with every sampling setting sent explicitly (a server's own
+    defaults, such as a repeat penalty, must not decide the answer)."""
     body: dict[str, Any] = {
-        "model": model, "messages": [{"role": "user", "content": content if request.images else request.prompt}],
-        "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-        "stream": True, "stream_options": {"include_usage": True},
+        "model": model, "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+        "stream": stream,
     }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     if params.top_k:
         body["top_k"] = params.top_k
     if params.seed is not None:
         body["seed"] = params.seed
     if params.stop:
-        body["stop"] = params.stop
-    if params.logprobs:
-        body["logprobs"] = True
-    if return_token_ids:
-        body["return_token_ids"] = True
-    return body
+        body["stop"] = list(params.stop)
+    if token_ids:
+        body.update(return_token_ids=True, return_tokens_as_token_ids=True)
+    if request.messages is not None:
+        body["messages"] = openai_messages(request)
+        if params.wants_logprobs:
+            body.update(logprobs=True, top_logprobs=params.top_logprobs)
+        if params.prompt_logprobs is not None:
+            body["prompt_logprobs"] = params.prompt_logprobs
+        return "/chat/completions", body
+    body["prompt"] = request.text if request.text is not None else request.token_ids
+    if request.images:
+        body["images"] = [image_data_url(i) for i in request.images]
+    if params.wants_logprobs or params.prompt_logprobs is not None:
+        body["logprobs"] = max(params.top_logprobs, params.prompt_logprobs or 0)
+    if params.prompt_logprobs is not None:
+        body["echo"] = True
+    return "/completions", body
 
 
 def _server_message(response: Any) -> str:
@@ -109,6 +96,74 @@ def _server_message(response: Any) -> str:
         return error.get("message") if isinstance(error, dict) else str(error)
     except (ValueError, AttributeError):
         return response.text[:200]
+
+
+class _Answer:
+    """What the chunks of one answer add up to (streamed chunks, or one whole response)."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.text, self.finish, self.usage = "", "length", None
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.tops: list[list[tuple[int, float]]] = []
+        self.prompt_ids: list[int] | None = None
+        self.prompt_scores: list[TokenScore] | None = None
+
+    def entries(self, choice: dict[str, Any]) -> list[tuple[str, float | None, list[tuple[str, float]]]]:
+        """(token, logprob, top) of a choice's log-probabilities, chat or completions form."""
+        logprobs = choice.get("logprobs") or {}
+        if "content" in logprobs:
+            return [(e["token"], e["logprob"], [(t["token"], t["logprob"]) for t in e.get("top_logprobs") or []])
+                    for e in logprobs["content"] or []]
+        tops = logprobs.get("top_logprobs") or [None] * len(logprobs.get("tokens") or [])
+        return [(t, lp, list((top or {}).items())) for t, lp, top in
+                zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [], tops)]
+
+    def add(self, choice: dict[str, Any], echo_tokens: int = 0) -> tuple[list[int], list[float], str]:
+        """Take one choice (chunk); returns its new token ids, their logprobs and its new text."""
+        self.finish = choice.get("finish_reason") or self.finish
+        text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+        text = text or ""
+        entries = self.entries(choice)
+        if self.prompt_ids is None and choice.get("prompt_token_ids"):
+            self.prompt_ids = list(choice["prompt_token_ids"])
+        if echo_tokens:  # completions echo: the first entries (and text) are the prompt's
+            prompt, entries = entries[:echo_tokens], entries[echo_tokens:]
+            self.prompt_scores = [TokenScore(self._id(t, None), lp, self._top(top)) for t, lp, top in prompt]
+            offsets = (choice.get("logprobs") or {}).get("text_offset") or []
+            text = text[offsets[echo_tokens]:] if len(offsets) > echo_tokens else ""
+        ids = list(choice.get("token_ids") or [])
+        new_logprobs = [lp for _, lp, _ in entries if lp is not None]
+        if not ids and entries and all(_token_id(t) is not None for t, _, _ in entries):
+            ids = [_token_id(t) for t, _, _ in entries]  # type: ignore[misc]
+        self.ids += ids
+        self.logprobs += new_logprobs
+        if self.params.top_logprobs:
+            self.tops += [self._top(top) for _, _, top in entries]
+        self.text += text
+        return ids, new_logprobs, text
+
+    def _id(self, token: str, fallback: int | None) -> int:
+        found = _token_id(token)
+        if found is None and fallback is None:
+            raise EdgelmmError("the server named a token by its text, and log-probabilities here need token ids",
+                               "load the openai backend with options: {return_token_ids: true} (edgelmm serve, vLLM)")
+        return found if found is not None else fallback  # type: ignore[return-value]
+
+    def _top(self, top: list[tuple[str, float]]) -> list[tuple[int, float]]:
+        return [(self._id(t, None), lp) for t, lp in top]
+
+    def result(self, stamps: list[float], t0: float, end: float) -> Result:
+        usage = self.usage or {}
+        generated = usage.get("completion_tokens", len(self.ids) or len(stamps))
+        finish = "stop" if self.finish == "stop" else "length"
+        return Result(
+            text=self.text, token_ids=self.ids, logprobs=self.logprobs if self.params.wants_logprobs else None,
+            timings=Timings.from_stamps(t0, stamps, end), counts=Counts(usage.get("prompt_tokens"), 0, generated),
+            peak_memory_bytes=None, finish_reason=finish, top_logprobs=self.tops if self.params.top_logprobs else None,
+            prompt_token_ids=self.prompt_ids, prompt_logprobs=self.prompt_scores,
+        )
 
 
 class OpenAIBackend(Backend):
@@ -125,10 +180,11 @@ class OpenAIBackend(Backend):
             import httpx
         except ImportError:
             raise MissingExtraError("the openai backend", "openai", "httpx") from None
+        no_methods(spec, self.name, "apply them on the server (edgelmm serve --method ...)")
         options = engine_options(spec, OPTIONS, self.name)
         if not options["base_url"]:
             raise EdgelmmError("the openai backend needs the server's address",
-                               "set options: {base_url: http://HOST:PORT/v1} in the model spec")
+                               "pass --base-url http://HOST:PORT/v1, or options: {base_url: ...} in the model spec")
         key = options["api_key"] or os.environ.get("OPENAI_API_KEY")
         self.client = httpx.Client(
             base_url=str(options["base_url"]).rstrip("/"),
@@ -152,7 +208,7 @@ class OpenAIBackend(Backend):
         return f"remote ({self.options.get('base_url')})"
 
     # ------------------------------------------------------------ HTTP with retries
-    def _failure(self, what: str, attempt: int) -> bool:
+    def _failure(self, attempt: int) -> bool:
         """Sleep before the next try; False when the tries are used up."""
         if attempt >= int(self.options["retries"]):
             return False
@@ -167,28 +223,50 @@ class OpenAIBackend(Backend):
             try:
                 response = self.client.get(path)
             except httpx.TransportError as exc:
-                if self._failure(url, attempt):
+                if self._failure(attempt):
                     continue
                 raise EdgelmmError(f"cannot reach {url}: {exc}", "is the server running, and is base_url right?") from None
-            if response.status_code in RETRY_STATUS and self._failure(url, attempt):
+            if response.status_code in RETRY_STATUS and self._failure(attempt):
+                continue
+            if response.status_code != 200:
+                raise EdgelmmError(f"{url} answered {response.status_code}: {_server_message(response)}")
+            try:
+                return response.json()
+            except ValueError:
+                raise EdgelmmError(f"{url} did not answer with JSON: is it an OpenAI-compatible server?") from None
+        raise AssertionError("unreachable")
+
+    def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        url = f"{self.options['base_url']}{route}"
+        for attempt in range(int(self.options["retries"]) + 1):
+            try:
+                response = self.client.post(route, json=body)
+            except httpx.TransportError as exc:
+                if self._failure(attempt):
+                    continue
+                raise EdgelmmError(f"cannot reach {url} after {attempt + 1} tries: {type(exc).__name__}: {exc}",
+                                   "is the server running and reachable?") from None
+            if response.status_code in RETRY_STATUS and self._failure(attempt):
                 continue
             if response.status_code != 200:
                 raise EdgelmmError(f"{url} answered {response.status_code}: {_server_message(response)}")
             return response.json()
         raise AssertionError("unreachable")
 
-    def _events(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _events(self, route: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The decoded SSE chunks of one streamed request, retried until the first chunk arrives."""
         import httpx
 
-        url = f"{self.options['base_url']}/chat/completions"
+        url = f"{self.options['base_url']}{route}"
         for attempt in range(int(self.options["retries"]) + 1):
             received = False
             try:
-                with self.client.stream("POST", "/chat/completions", json=body) as response:
+                with self.client.stream("POST", route, json=body) as response:
                     if response.status_code != 200:
                         response.read()
-                        if response.status_code in RETRY_STATUS and self._failure(url, attempt):
+                        if response.status_code in RETRY_STATUS and self._failure(attempt):
                             continue
                         raise EdgelmmError(f"{url} answered {response.status_code}: {_server_message(response)}")
                     for line in response.iter_lines():
@@ -208,53 +286,77 @@ class OpenAIBackend(Backend):
             except httpx.TransportError as exc:
                 if received:
                     raise EdgelmmError(f"the stream from {url} broke after tokens had arrived: {exc}") from None
-                if self._failure(url, attempt):
+                if self._failure(attempt):
                     continue
                 raise EdgelmmError(f"cannot reach {url} after {attempt + 1} tries: {type(exc).__name__}: {exc}",
                                    "is the server running and reachable?") from None
 
     # ------------------------------------------------------------ generation
+    def _ids_needed(self, params: SamplingParams) -> bool:
+        return bool(params.top_logprobs or params.prompt_logprobs is not None or self.options["return_token_ids"])
+
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]:
         if self.client is None:
             raise EdgelmmError("the openai backend is not connected", "call load(spec) first")
+        if params.prompt_logprobs is not None:  # scored answers come whole
+            result = self._whole(request, params)
+            yield TokenEvent(None, result.text, None, result.timings.e2e_s)
+            yield TokenEvent(None, "", None, result.timings.e2e_s, result=result)
+            return
         t0 = time.perf_counter()
         stamps: list[float] = []
-        ids: list[int] = []
-        logprobs: list[float] = []
-        text, finish, usage = "", "length", None
-        for chunk in self._events(chat_body(self.model, request, params, self.options["return_token_ids"])):
+        answer = _Answer(params)
+        route, body = request_body(self.model, request, params, self._ids_needed(params), stream=True)
+        for chunk in self._events(route, body):
             now = time.perf_counter()
-            usage = chunk.get("usage") or usage
+            answer.usage = chunk.get("usage") or answer.usage
             for choice in chunk.get("choices", []):
-                finish = choice.get("finish_reason") or finish
-                delta = (choice.get("delta") or {}).get("content") or ""
-                chunk_ids = choice.get("token_ids") or []
-                chunk_logprobs = [e["logprob"] for e in ((choice.get("logprobs") or {}).get("content") or [])]
+                ids, logprobs, text = answer.add(choice)
                 # tokens in this chunk: exact where the server says (ids, logprobs), else one per text piece
-                if "token_ids" in choice:
-                    n = len(chunk_ids)
-                elif params.logprobs:
-                    n = len(chunk_logprobs)
-                else:
-                    n = 1 if delta else 0
-                if n == 0 and not delta:
+                n = len(ids) or len(logprobs) or (1 if text else 0)
+                if n == 0:
                     continue
                 last = stamps[-1] if stamps else now  # a chunk of n tokens: spread over the wait for it
                 stamps += [last + (now - last) * (i + 1) / n for i in range(n)]
-                ids += chunk_ids
-                logprobs += chunk_logprobs
-                text += delta
-                yield TokenEvent(chunk_ids[0] if len(chunk_ids) == 1 else None, delta,
-                                 chunk_logprobs[0] if len(chunk_logprobs) == 1 else None, now - t0)
+                yield TokenEvent(ids[0] if len(ids) == 1 else None, text, logprobs[0] if len(logprobs) == 1 else None,
+                                 now - t0, answer.tops[-1] if params.top_logprobs and n == 1 and answer.tops else None)
         end = time.perf_counter()
-        generated = (usage or {}).get("completion_tokens", len(stamps))
-        result = Result(
-            text=text, token_ids=ids, logprobs=logprobs if params.logprobs else None,
-            timings=Timings.from_stamps(t0, stamps, end),
-            counts=Counts((usage or {}).get("prompt_tokens", 0), 0, generated),
-            peak_memory_bytes=None, finish_reason="stop" if finish == "stop" else "length",
-        )
-        yield TokenEvent(None, "", None, end - t0, result=result)
+        yield TokenEvent(None, "", None, end - t0, result=answer.result(stamps, t0, end))
+
+    def _whole(self, request: Request, params: SamplingParams) -> Result:
+        """One request answered whole: how prompt log-probabilities come back."""
+        t0 = time.perf_counter()
+        route, body = request_body(self.model, request, params, True, stream=False)
+        response = self._post(route, body)
+        end = time.perf_counter()
+        answer = _Answer(params)
+        answer.usage = response.get("usage")
+        [choice] = response.get("choices") or [{}]
+        echo = int((answer.usage or {}).get("prompt_tokens") or len(choice.get("prompt_token_ids") or [])) if "echo" in body else 0
+        answer.add(choice, echo_tokens=echo)
+        if route == "/chat/completions":
+            answer.prompt_scores = self._chat_prompt_scores(response.get("prompt_logprobs"), answer.prompt_ids)
+        stamps = [end] * len(answer.ids)
+        return answer.result(stamps, t0, end)
+
+    @staticmethod
+    def _chat_prompt_scores(entries: Any, prompt_ids: list[int] | None) -> list[TokenScore] | None:
+        """vLLM's chat `prompt_logprobs`: per prompt token None or {token id: {logprob, ...}}."""
+        if entries is None:
+            raise EdgelmmError("the server sent no prompt_logprobs for a chat request",
+                               "ask a server that supports them (vLLM, edgelmm serve) or send the prompt to completions")
+        scores = []
+        for i, entry in enumerate(entries):
+            token = prompt_ids[i] if prompt_ids else None
+            if not entry:
+                scores.append(TokenScore(token if token is not None else -1, None))
+                continue
+            pairs = sorted(((int(k), float(v["logprob"] if isinstance(v, dict) else v)) for k, v in entry.items()),
+                           key=lambda p: -p[1])
+            chosen = token if token is not None else pairs[0][0]
+            logprob = next((lp for t, lp in pairs if t == chosen), None)
+            scores.append(TokenScore(chosen, logprob, pairs))
+        return scores
 
     def _one(self, request: Request, params: SamplingParams) -> Result:
         for event in self.stream(request, params):

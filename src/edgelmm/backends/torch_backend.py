@@ -1,9 +1,13 @@
 """The in-process PyTorch/transformers backend: every adapter's model, on CPU or CUDA, hookable.
 
-Generation goes through transformers' `generate`, so every family's own input handling
-(M-RoPE positions, pixel values at prefill only, caches) is the library's. Timings come from a
-logits processor that stamps the clock each time the model has produced the logits of a new
-token (after a CUDA synchronize), which is where a user would start the next step's wait.
+Inputs come from the model adapter (the family's own processor and chat template); generation
+goes through transformers' `generate`, so every family's own input handling (M-RoPE positions,
+pixel values at prefill only, caches) is the library's. Two small hooks ride along each step:
+a logits processor stamps the clock once the logits of a new token exist (after a CUDA
+synchronize: where a user would start waiting for the next token) and keeps the model's own
+log-probabilities; a stopping criterion feeds each new token to a `Detokenizer`, which ends a
+row at a stop string, gives a stream its text, and stops everything once a stream's consumer
+has gone away. Prompt log-probabilities come from one teacher-forced forward pass.
 """
 
 from __future__ import annotations
@@ -18,63 +22,77 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-from transformers.generation.streamers import BaseStreamer
 
-from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent
+from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result, Timings, TokenEvent, TokenScore, check_context
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError
-from edgelmm.methods import apply_method
-from edgelmm.models.loader import load_model
+from edgelmm.methods import apply
+from edgelmm.methods.pruning import pruning_of
+from edgelmm.methods.quantization import load_quantized_model
+from edgelmm.models.loader import load_model, resolve_checkpoint
 from edgelmm.utils.memory import PeakMemory
+
+_SCORE_CHUNK = 256  # prompt positions whose log-softmax is taken at once (vocab-wide float32 rows)
 
 
 class _StepClock(LogitsProcessor):
-    """Stamps the time of every decode step and, on request, keeps the model's log-probabilities.
+    """Stamps the time of every step and keeps that step's log-probabilities, before sampling.
 
     It runs first among the processors, so the log-probabilities are those of the model itself,
-    before temperature or top-k/top-p reshape them.
-    """
+    before temperature or top-k/top-p reshape them."""
 
     def __init__(self, device: torch.device, keep_logprobs: bool):
         self.device = device
         self.keep_logprobs = keep_logprobs
         self.stamps: list[float] = []
-        self.logprobs: list[torch.Tensor] = []  # per step, [batch, vocab]
+        self.last: torch.Tensor | None = None  # [batch, vocab] of the step in flight
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stamps.append(time.perf_counter())
         if self.keep_logprobs:
-            self.logprobs.append(torch.log_softmax(scores.float(), dim=-1))
+            self.last = torch.log_softmax(scores.float(), dim=-1)
         return scores
 
 
-class _QueueStreamer(BaseStreamer):
-    """Hands each new token to the consuming thread; the first `put` is the prompt and is skipped."""
+class _Rows(StoppingCriteria):
+    """Per row: the tokens generated so far, their scores, a Detokenizer that ends the row at a
+    stop string; and, for a stream, each token handed to the consumer as it comes."""
 
-    def __init__(self) -> None:
-        self.queue: queue.Queue[int | None] = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.queue.put(int(value.reshape(-1)[0]))
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
-class _Cancelled(StoppingCriteria):
-    """Ends generation between two tokens once the stream's consumer has gone away."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, backend: TorchBackend, rows: int, params: SamplingParams, clock: _StepClock,
+                 sink: queue.Queue[Any] | None = None, cancel: threading.Event | None = None):
+        self.end_tokens = set(backend.adapter.eos_token_ids())
+        self.params, self.clock, self.sink, self.cancel = params, clock, sink, cancel
+        self.detok = [Detokenizer(backend.adapter.decode, params.stop, self.end_tokens) for _ in range(rows)]
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.logprobs: list[list[float]] = [[] for _ in range(rows)]
+        self.top: list[list[list[tuple[int, float]]]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        tokens = input_ids[:, -1].tolist()
+        top = None
+        if self.clock.last is not None and self.params.top_logprobs:
+            values, indices = self.clock.last.topk(self.params.top_logprobs, dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        chosen = self.clock.last.gather(1, input_ids[:, -1:])[:, 0].tolist() if self.clock.last is not None else None
+        for row, token in enumerate(tokens):
+            if self.done[row]:
+                continue
+            self.ids[row].append(token)
+            if chosen is not None:
+                self.logprobs[row].append(chosen[row])
+            if top is not None:
+                self.top[row].append(top[row])
+            delta = self.detok[row].push(token)
+            self.done[row] = token in self.end_tokens or self.detok[row].stopped is not None
+            if self.sink is not None:
+                self.sink.put(TokenEvent(token, delta, chosen[row] if chosen else None, 0.0, top[row] if top else None))
+        stop = torch.tensor(self.done, device=input_ids.device)
+        if self.cancel is not None and self.cancel.is_set():
+            stop[:] = True
+        return stop
 
 
 class TorchBackend(Backend):
@@ -89,9 +107,11 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------ lifecycle
     def load(self, spec: ModelSpec) -> None:
-        model, processor, adapter, device = load_model(spec)
+        checkpoint = resolve_checkpoint(spec.path)
+        loader = load_quantized_model if checkpoint.quantization is not None else load_model
+        model, processor, adapter, device = loader(spec, checkpoint)
         for method in spec.methods:
-            model = apply_method(method, model, adapter)
+            model = apply(model, adapter, method)
             adapter.model = model
         self.spec, self.model, self.processor, self.adapter, self.device = spec, model, processor, adapter, device
 
@@ -105,19 +125,39 @@ class TorchBackend(Backend):
             return f"cuda ({torch.cuda.get_device_name(self.device)})"
         return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
+    # ------------------------------------------------------------ token-level access
+    @property
+    def max_context(self) -> int | None:
+        if self.adapter is None:
+            return None
+        return int(getattr(self.adapter.text_config, "max_position_embeddings", 0) or 2048)
+
+    def prompt_token_ids(self, request: Request) -> list[int]:
+        self._check()
+        return self.adapter.prompt_ids(request)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        self._check()
+        return self.adapter.token_texts(token_ids)
+
     # ------------------------------------------------------------ generation
-    def _check(self, requests: list[Request]) -> None:
+    def _check(self) -> None:
         if self.model is None:
             raise EdgelmmError("the torch backend has no model loaded", "call load(spec) first")
-        if not self.adapter.multimodal and any(r.images for r in requests):
-            raise EdgelmmError(
-                f"model '{self.spec.display_name}' is a text-only language model and cannot take images",
-                "drop the images or load a vision-language model",
-            )
 
-    def _generate_kwargs(
-        self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock, cancel: threading.Event | None = None
-    ) -> dict[str, Any]:
+    def _prepare(self, requests: list[Request], params: SamplingParams) -> dict[str, torch.Tensor]:
+        self._check()
+        inputs = self.adapter.build_batch(requests)
+        for length in inputs.get("attention_mask", inputs["input_ids"]).bool().sum(1).tolist():
+            check_context(length, params, self.max_context)
+        dtype = next(self.model.parameters()).dtype
+        return {
+            k: v.to(self.device, dtype=dtype if v.is_floating_point() else None) if isinstance(v, torch.Tensor) else v
+            for k, v in inputs.items()
+        }
+
+    def _generate_kwargs(self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock,
+                         rows: _Rows) -> dict[str, Any]:
         tokenizer = self.adapter.tokenizer
         eos = self.adapter.eos_token_ids()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -125,12 +165,8 @@ class TorchBackend(Backend):
         # in. When sampling, transformers' own warpers are switched off and ours run after the clock.
         neutral = {} if params.greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
         config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=not params.greedy,
-            repetition_penalty=1.0,
-            eos_token_id=eos or None,
-            pad_token_id=pad,
-            **neutral,
+            max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, repetition_penalty=1.0,
+            eos_token_id=eos or None, pad_token_id=pad, **neutral,
         )
         processors = LogitsProcessorList([clock])
         if not params.greedy:
@@ -139,139 +175,128 @@ class TorchBackend(Backend):
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
-        kwargs: dict[str, Any] = {**inputs, "generation_config": config, "logits_processor": processors}
-        if cancel is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
-        if params.stop:
-            kwargs.update(stop_strings=params.stop, tokenizer=tokenizer)
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        return kwargs
+        return {**inputs, "generation_config": config, "logits_processor": processors,
+                "stopping_criteria": StoppingCriteriaList([rows])}
 
-    def _prepare(self, requests: list[Request]) -> dict[str, torch.Tensor]:
-        inputs = self.adapter.build_batch([(r.prompt, list(r.images)) for r in requests])
-        dtype = next(self.model.parameters()).dtype
-        return {
-            k: v.to(self.device, dtype=dtype if v.is_floating_point() else None) if isinstance(v, torch.Tensor) else v
-            for k, v in inputs.items()
-        }
-
-    def _finish(
-        self,
-        row_ids: list[int],
-        row_logprobs: list[float] | None,
-        prompt_tokens: int,
-        visual_tokens: int,
-        stamps: list[float],
-        t0: float,
-        t_end: float,
-        peak: int | None,
-        params: SamplingParams,
-    ) -> Result:
-        """Trim a row at its end of sequence or stop string and attach its timings."""
-        eos = set(self.adapter.eos_token_ids())
-        finish = "length"
-        for j, token in enumerate(row_ids):
-            if token in eos:
-                row_ids, finish = row_ids[:j], "stop"
-                break
-        text = self.adapter.decode(row_ids)
-        for stop in params.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-        return Result(
-            text=text,
-            token_ids=row_ids,
-            logprobs=row_logprobs[: len(row_ids)] if row_logprobs is not None else None,
-            timings=Timings.from_stamps(t0, stamps[: max(len(row_ids), 1)], t_end),
-            counts=Counts(prompt_tokens, visual_tokens, len(row_ids)),
-            peak_memory_bytes=peak,
-            finish_reason=finish,
-        )
-
-    def _token_counts(self, inputs: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+    def _counts(self, inputs: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[int]]:
+        """Per row: the prompt ids without padding, and the number of visual tokens."""
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
-        visual = self.adapter.image_token_mask(ids) & mask
-        return mask.sum(1).tolist(), visual.sum(1).tolist()
+        visual = (self.adapter.image_token_mask(ids) & mask).sum(1).tolist()
+        return [row[m].tolist() for row, m in zip(ids, mask)], visual
+
+    @torch.inference_mode()
+    def _prompt_scores(self, inputs: dict[str, torch.Tensor], top: int) -> list[list[TokenScore]]:
+        """Teacher-forced scores of every prompt token (left padding skipped). Under pruning, the
+        positions the pruned prefill kept are scored as the model saw them; dropped ones get None."""
+        logits = self.model(**inputs, use_cache=False).logits
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+        pruning = pruning_of(self.model)
+        if pruning is not None and pruning.last is not None and pruning.last.kept_tokens == logits.shape[1] != ids.shape[1]:
+            positions = pruning.last.kept_positions.to(ids.device)
+        else:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        out = []
+        for row in range(ids.shape[0]):
+            kept = positions[row][mask[row].gather(0, positions[row])]  # real (not padding) positions, ascending
+            start = int(mask[row].long().argmax())  # the first real position: nothing precedes it
+            scores: dict[int, TokenScore] = {}
+            for begin in range(0, kept.numel() - 1, _SCORE_CHUNK):
+                at = kept[begin: begin + _SCORE_CHUNK + 1]
+                index = torch.searchsorted(positions[row].contiguous(), at[:-1])  # the logit rows of those positions
+                logprobs = torch.log_softmax(logits[row, index].float(), dim=-1)
+                targets = ids[row, at[1:]]
+                chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                tops = None
+                if top:
+                    values, indices = logprobs.topk(top, dim=-1)
+                    tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+                for j, (position, token) in enumerate(zip(at[1:].tolist(), targets.tolist())):
+                    scores[position] = TokenScore(token, chosen[j], tops[j] if tops else [])
+            row_ids = ids[row].tolist()
+            out.append([scores.get(p, TokenScore(row_ids[p], None)) for p in range(start, ids.shape[1])])
+        return out
+
+    def _result(self, rows: _Rows, row: int, prompt_ids: list[int], visual: int, prompt_scores: list[TokenScore] | None,
+                clock: _StepClock, t0: float, t_end: float, peak: int | None) -> Result:
+        ids = rows.ids[row]
+        detok = rows.detok[row]
+        detok.flush()
+        finish, reason = "length", None
+        if detok.stopped is not None:
+            finish, reason = "stop", detok.stopped
+        elif ids and ids[-1] in rows.end_tokens:
+            finish, reason = "stop", ids[-1]
+        params = rows.params
+        return Result(
+            text=detok.final_text, token_ids=ids,
+            logprobs=rows.logprobs[row] if params.wants_logprobs else None,
+            timings=Timings.from_stamps(t0, clock.stamps[: max(len(ids), 1)], t_end),
+            counts=Counts(len(prompt_ids), visual, len(ids)), peak_memory_bytes=peak,
+            finish_reason=finish, stop_reason=reason,
+            top_logprobs=rows.top[row] if params.top_logprobs else None,
+            prompt_token_ids=prompt_ids, prompt_logprobs=prompt_scores,
+        )
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
         if not requests:
             return []
-        self._check(requests)
         t0 = time.perf_counter()
-        inputs = self._prepare(requests)
-        prompt_len = inputs["input_ids"].shape[1]
-        clock = _StepClock(self.device, params.logprobs)
+        inputs = self._prepare(requests, params)
+        prompt_ids, visuals = self._counts(inputs)
+        clock = _StepClock(self.device, params.wants_logprobs)
+        rows = _Rows(self, len(requests), params, clock)
         with PeakMemory(self.device) as peak:
-            sequences = self.model.generate(**self._generate_kwargs(inputs, params, clock))
+            scores = self._prompt_scores(inputs, params.prompt_logprobs) if params.prompt_logprobs is not None else None
+            if params.max_new_tokens:
+                self.model.generate(**self._generate_kwargs(inputs, params, clock, rows))
         t_end = time.perf_counter()
-        new = sequences[:, prompt_len:].tolist()
-        prompts, visuals = self._token_counts(inputs)
-        results = []
-        for row, ids in enumerate(new):
-            logprobs = None
-            if params.logprobs:
-                logprobs = [float(step[row, tok]) for step, tok in zip(clock.logprobs, ids)]
-            results.append(
-                self._finish(ids, logprobs, prompts[row], visuals[row], clock.stamps, t0, t_end, peak.bytes, params)
-            )
-        return results
+        return [self._result(rows, i, prompt_ids[i], visuals[i], scores[i] if scores else None, clock, t0, t_end, peak.bytes)
+                for i in range(len(requests))]
 
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]:
         """Yield each token as the model produces it; generation runs in a worker thread.
 
-        Closing the iterator early (a client that went away) stops generation at the next token.
-        """
-        self._check([request])
+        Closing the iterator early (a client that went away) stops generation at the next token."""
         t0 = time.perf_counter()
-        inputs = self._prepare([request])
-        clock = _StepClock(self.device, params.logprobs)
-        streamer = _QueueStreamer()
-        failure: list[BaseException] = []
-        peak = PeakMemory(self.device)
+        inputs = self._prepare([request], params)
+        [prompt_ids], [visual] = self._counts(inputs)
+        clock = _StepClock(self.device, params.wants_logprobs)
+        sink: queue.Queue[Any] = queue.Queue()
         cancel = threading.Event()
+        rows = _Rows(self, 1, params, clock, sink, cancel)
+        peak = PeakMemory(self.device)
+        scores: list[list[TokenScore]] | None = None
 
         def work() -> None:
+            nonlocal scores
             try:
                 with torch.inference_mode(), peak:
-                    self.model.generate(**self._generate_kwargs(inputs, params, clock, cancel), streamer=streamer)
+                    if params.prompt_logprobs is not None:
+                        scores = self._prompt_scores(inputs, params.prompt_logprobs)
+                    if params.max_new_tokens:
+                        self.model.generate(**self._generate_kwargs(inputs, params, clock, rows))
+                sink.put(None)
             except BaseException as exc:  # handed to the consumer below
-                failure.append(exc)
-                streamer.end()
+                sink.put(exc)
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        eos = set(self.adapter.eos_token_ids())
-        ids: list[int] = []
-        logprobs: list[float] = []
-        text = ""
         try:
-            while (token := streamer.queue.get()) is not None:
-                if token in eos:
-                    continue
-                ids.append(token)
-                logprob = float(clock.logprobs[len(ids) - 1][0, token]) if params.logprobs else None
-                if logprob is not None:
-                    logprobs.append(logprob)
-                decoded = self.adapter.decode(ids)
-                if decoded.endswith("\ufffd"):  # inside a multi-byte character: wait for its end
-                    delta = ""
-                else:
-                    delta, text = decoded[len(text) :], decoded
-                yield TokenEvent(token, delta, logprob, time.perf_counter() - t0)
+            while (item := sink.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                item.time_s = time.perf_counter() - t0
+                yield item
         finally:  # also when the consumer closes the stream early
             cancel.set()
             worker.join()
-        if failure:
-            raise failure[0]
-        prompts, visuals = self._token_counts(inputs)
-        result = self._finish(
-            ids, logprobs if params.logprobs else None, prompts[0], visuals[0],
-            clock.stamps, t0, time.perf_counter(), peak.bytes, params,
-        )
-        if len(result.text) > len(text):
-            yield TokenEvent(None, result.text[len(text):], None, time.perf_counter() - t0)
+        tail = rows.detok[0].flush()  # text held back for a stop string that never completed
+        if tail:
+            yield TokenEvent(None, tail, None, time.perf_counter() - t0)
+        result = self._result(rows, 0, prompt_ids, visual, scores[0] if scores else None, clock, t0, time.perf_counter(), peak.bytes)
         yield TokenEvent(None, "", None, time.perf_counter() - t0, result=result)

@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent
-from edgelmm.backends.openai_backend import cuda_engine_profile, engine_options, image_data_url
+from edgelmm.backends.base import Backend, Counts, Request, Result, Timings, TokenEvent, TokenScore
+from edgelmm.backends.engines import cuda_engine_profile, engine_options, openai_messages
 from edgelmm.config import EngineDefaults, HardwareProfile, ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError
 
@@ -62,24 +62,29 @@ def engine_args(spec: ModelSpec, profile: HardwareProfile | None) -> dict[str, A
 
 def sampling_args(params: SamplingParams) -> dict[str, Any]:
     """Keyword arguments of `vllm.SamplingParams`: temperature 0 is greedy there too; top_k -1 is
-    "off" in every vLLM release (0 is refused by older ones); logprobs=0 returns the chosen
-    token's log-probability only."""
+    "off" in every vLLM release (0 is refused by older ones); logprobs=k returns the chosen
+    token's log-probability and the k most likely (0: the chosen one only); prompt_logprobs
+    likewise for the prompt. vLLM generates at least one token: a prompt-only request asks for
+    one, and the result drops it."""
     args: dict[str, Any] = {
-        "n": 1, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+        "n": 1, "max_tokens": max(params.max_new_tokens, 1), "temperature": params.temperature,
         "top_p": params.top_p, "top_k": params.top_k or -1, "seed": params.seed,
     }
     if params.stop:
         args["stop"] = list(params.stop)
-    if params.logprobs:
-        args["logprobs"] = 0
+    if params.wants_logprobs:
+        args["logprobs"] = params.top_logprobs
+    if params.prompt_logprobs is not None:
+        args["prompt_logprobs"] = params.prompt_logprobs
     return args
 
 
-def conversation(request: Request) -> list[dict[str, Any]]:
-    """One user turn in OpenAI form, which `LLM.chat` renders with the model's own template."""
-    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in request.images]
-    content.append({"type": "text", "text": request.prompt})
-    return [{"role": "user", "content": content}]
+def engine_prompt(request: Request) -> dict[str, Any]:
+    """A text or token-id request as a vLLM prompt (TextPrompt / TokensPrompt), images attached."""
+    prompt: dict[str, Any] = {"prompt": request.text} if request.text is not None else {"prompt_token_ids": request.token_ids}
+    if request.images:
+        prompt["multi_modal_data"] = {"image": request.images if len(request.images) > 1 else request.images[0]}
+    return prompt
 
 
 class VLLMBackend(Backend):
@@ -114,26 +119,51 @@ class VLLMBackend(Backend):
             raise EdgelmmError("the vllm backend has no model loaded", "call load(spec) first")
         if not requests:
             return []
+        sampling = self._sampling_cls(**sampling_args(params))
         t0 = time.perf_counter()
-        outputs = self.llm.chat([conversation(r) for r in requests], self._sampling_cls(**sampling_args(params)), use_tqdm=False)
+        chats = [i for i, r in enumerate(requests) if r.messages is not None]
+        others = [i for i, r in enumerate(requests) if r.messages is None]
+        outputs: dict[int, Any] = {}
+        if chats:
+            done = self.llm.chat([openai_messages(requests[i]) for i in chats], sampling, use_tqdm=False)
+            outputs.update(zip(chats, done))
+        if others:
+            done = self.llm.generate([engine_prompt(requests[i]) for i in others], sampling, use_tqdm=False)
+            outputs.update(zip(others, done))
         e2e = time.perf_counter() - t0
-        return [self._result(o, e2e) for o in outputs]
+        return [self._result(outputs[i], e2e, params) for i in range(len(requests))]
 
     @staticmethod
-    def _result(output: Any, e2e: float) -> Result:
+    def _result(output: Any, e2e: float, params: SamplingParams) -> Result:
         completion = output.outputs[0]
-        ids = list(completion.token_ids)
+        ids = list(completion.token_ids) if params.max_new_tokens else []
         metrics = getattr(output, "metrics", None)
         first, arrival = getattr(metrics, "first_token_time", None), getattr(metrics, "arrival_time", None)
         ttft = first - arrival if first and arrival else e2e
         step = (e2e - ttft) / (len(ids) - 1) if len(ids) > 1 else 0.0
-        logprobs = [step_lp[token].logprob for step_lp, token in zip(completion.logprobs, ids)] if completion.logprobs else None
+        steps = list(completion.logprobs or [])[: len(ids)]
+        logprobs = [step_lp[token].logprob for step_lp, token in zip(steps, ids)] if params.wants_logprobs and steps else None
+        tops = None
+        if params.top_logprobs and steps:
+            tops = [sorted(((t, lp.logprob) for t, lp in step_lp.items()), key=lambda p: -p[1])[: params.top_logprobs]
+                    for step_lp in steps]
+        prompt_ids = list(output.prompt_token_ids or [])
+        prompt_scores = None
+        if params.prompt_logprobs is not None and output.prompt_logprobs is not None:
+            prompt_scores = [
+                TokenScore(token, None) if entry is None else TokenScore(
+                    token, entry[token].logprob,
+                    sorted(((t, lp.logprob) for t, lp in entry.items()), key=lambda p: -p[1])[: params.prompt_logprobs])
+                for token, entry in zip(prompt_ids, output.prompt_logprobs)
+            ]
+        reason = getattr(completion, "stop_reason", None)
         return Result(
-            text=completion.text, token_ids=ids, logprobs=logprobs,
+            text=completion.text if params.max_new_tokens else "", token_ids=ids, logprobs=logprobs,
             timings=Timings(ttft_s=ttft, decode_s=[step] * max(len(ids) - 1, 0), e2e_s=e2e),
-            counts=Counts(len(output.prompt_token_ids or []), 0, len(ids)),
+            counts=Counts(len(prompt_ids), 0, len(ids)),
             peak_memory_bytes=None,  # vLLM reserves gpu_memory_utilization up front; a peak says nothing
             finish_reason="stop" if completion.finish_reason == "stop" else "length",
+            stop_reason=reason, top_logprobs=tops, prompt_token_ids=prompt_ids, prompt_logprobs=prompt_scores,
         )
 
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]:
@@ -141,5 +171,6 @@ class VLLMBackend(Backend):
         [result] = self.generate([request], params)
         for token, logprob in zip(result.token_ids, result.logprobs or [None] * len(result.token_ids)):
             yield TokenEvent(token, "", logprob, result.timings.e2e_s)
-        yield TokenEvent(None, result.text, None, result.timings.e2e_s)
+        if result.text:
+            yield TokenEvent(None, result.text, None, result.timings.e2e_s)
         yield TokenEvent(None, "", None, result.timings.e2e_s, result=result)

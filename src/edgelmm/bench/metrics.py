@@ -25,6 +25,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def _mean(values: Any) -> float | None:
+    """The mean of the values an engine reported (a server may not report prompt tokens)."""
+    known = [v for v in values if v is not None]
+    return fmean(known) if known else None
+
+
 def summarize(rows: Sequence[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     """Accuracy, latency percentiles, decode speed, throughput, memory and mean token counts.
 
@@ -55,7 +61,5 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "throughput_tok_s": generated / wall_s if wall_s > 0 else None,
         "e2e_p50_s": percentile([r["e2e_s"] for r in rows], 50),
         "peak_memory_bytes": max(peaks) if peaks else None,
-        "counts": {
-            key: fmean(r[key] for r in rows) for key in ("prompt_tokens", "visual_tokens", "generated_tokens")
-        },
+        "counts": {key: _mean(r[key] for r in rows) for key in ("prompt_tokens", "visual_tokens", "generated_tokens")},
     }

@@ -30,13 +30,14 @@ from typing import Any
 from tqdm import tqdm
 
 from edgelmm.backends.base import Backend, Request, Result
-from edgelmm.backends.registry import backend_class
 from edgelmm.bench.metrics import summarize
 from edgelmm.bench.report import RESULTS, read_results, write_report
 from edgelmm.config import BenchConfig, HardwareProfile, ModelSpec, validate
 from edgelmm.errors import EdgelmmError
-from edgelmm.methods import check_method, parse_method
-from edgelmm.tasks import TASKS, Task, TaskSample, available_tasks, get_task
+from edgelmm.methods.quantization import AWQConfig, QuantConfig
+from edgelmm.registry import BACKENDS, TASKS
+from edgelmm.tasks import Task, TaskSample, get_task
+from edgelmm.utils.device import device_type
 from edgelmm.utils.io import append_jsonl, atomic_write_text
 
 KEY_FIELDS = ("mode", "model", "backend", "method", "task", "samples", "seed", "device_type")
@@ -50,7 +51,7 @@ class Cell:
     mode: str  # "bench" or "eval"
     model: ModelSpec  # methods, device and dtype already set for this cell
     backend: str
-    method: str
+    method: Any  # a Method object; str(method) is its spec
     task: Task
     seed: int
     samples: list[TaskSample]
@@ -58,7 +59,7 @@ class Cell:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        return (self.mode, self.model.display_name, self.backend, self.method, self.task.label,
+        return (self.mode, self.model.display_name, self.backend, str(self.method), self.task.label,
                 len(self.samples), self.seed, self.device_type)
 
     @property
@@ -79,20 +80,14 @@ def record_key(record: dict[str, Any]) -> tuple[Any, ...]:
 # ---------------------------------------------------------------- planning
 
 
-def _device_type(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def plan_cells(config: BenchConfig, mode: str = "bench") -> list[Cell]:
     """Check the whole matrix and draw every task's samples, before anything loads."""
     for name in config.backends:
-        backend_class(name)
+        BACKENDS.get(name)
     for method in config.methods:
-        check_method(method)
+        if isinstance(method, AWQConfig) and method.calibration is None:
+            raise EdgelmmError(f"method {method}: AWQ needs calibration data",
+                               "add calibration='FILE' (a .txt/.jsonl file, a datasets folder or hf:NAME)")
     tasks = []
     for spec in config.tasks:
         task = get_task(spec)
@@ -105,7 +100,7 @@ def plan_cells(config: BenchConfig, mode: str = "bench") -> list[Cell]:
             for method in config.methods:
                 spec = model.model_copy(update={"methods": [*model.methods, method], "device": device, "dtype": dtype})
                 cells += [
-                    Cell(mode, spec, backend, method, task, seed, samples, _device_type(device))
+                    Cell(mode, spec, backend, method, task, seed, samples, device_type(device))
                     for task, seed, samples in tasks
                 ]
     seen: set[tuple[Any, ...]] = set()
@@ -136,9 +131,8 @@ def _hardware(config: BenchConfig, device_type: str) -> HardwareProfile | None:
 
 
 def _weight_bits(cell: Cell) -> int:
-    """Quantized weight bits a method asks for (by the `w_bit` convention, e.g. awq(w_bit=4)), else 16."""
-    bits = [kwargs.get("w_bit") for _, kwargs in map(parse_method, cell.model.methods)]
-    return next((b for b in bits if b in (4, 8)), 16)
+    """The weight bits a quantization method of the cell stores, else 16."""
+    return next((m.bits for m in cell.model.methods if isinstance(m, QuantConfig)), 16)
 
 
 def _roofline(cell: Cell, profile: HardwareProfile | None, context: float) -> float | None:
@@ -153,7 +147,8 @@ def _roofline(cell: Cell, profile: HardwareProfile | None, context: float) -> fl
     import torch
 
     from edgelmm.hardware import roofline_decode_tok_s
-    from edgelmm.models.loader import resolve_dtype, resolve_model_path
+    from edgelmm.models.loader import resolve_model_path
+    from edgelmm.utils.device import resolve_dtype
 
     try:
         if resolve_dtype(cell.model.dtype, torch.device(cell.device_type)) == torch.float32:
@@ -183,7 +178,7 @@ def _row(repeat: int, sample: TaskSample, result: Result, task: Task) -> dict[st
 
 
 def _generate(backend: Backend, batch: Sequence[TaskSample], config: BenchConfig) -> list[Result]:
-    results = backend.generate([Request(s.prompt, list(s.images), s.id) for s in batch], config.sampling)
+    results = backend.generate([Request.chat(s.prompt, s.images, id=s.id) for s in batch], config.sampling)
     if len(results) != len(batch):
         raise EdgelmmError(f"backend '{backend.name}' returned {len(results)} results for {len(batch)} requests")
     return results
@@ -232,11 +227,11 @@ def _record(cell: Cell, config: BenchConfig, backend: Backend, rows: list[dict[s
             hardware: HardwareProfile | None, started_at: str, samples_file: str) -> dict[str, Any]:
     summary = summarize(rows, wall_s)
     counts = summary["counts"]
-    context = counts["prompt_tokens"] + counts["generated_tokens"] / 2  # mean context over decode steps
+    context = (counts["prompt_tokens"] or 0) + counts["generated_tokens"] / 2  # mean context over decode steps
     return {
         "mode": cell.mode, "config": config.name,
         "model": cell.model.display_name, "model_path": cell.model.path, "backend": cell.backend,
-        "method": cell.method, "methods": cell.model.methods,
+        "method": str(cell.method), "methods": [str(m) for m in cell.model.methods],
         "task": cell.task.label, "task_path": str(cell.task.path) if cell.task.path else None,
         "samples": len(cell.samples), "seed": cell.seed,
         "device": backend.device_name(), "device_type": cell.device_type, "dtype": cell.model.dtype,
@@ -268,7 +263,7 @@ def _run(config: BenchConfig, out_dir: str | Path | None, mode: str, progress: b
     done = {record_key(r): r for r in read_results(out)}
     records: dict[tuple[Any, ...], dict[str, Any]] = {}
     # Cells of one (model, backend, method) share one load; cells finished earlier need none.
-    for _, group in groupby(cells, key=lambda c: (c.model.display_name, c.backend, c.method)):
+    for _, group in groupby(cells, key=lambda c: (c.model.display_name, c.backend, str(c.method))):
         group = list(group)
         for cell in group:
             if cell.key in done:
@@ -278,7 +273,7 @@ def _run(config: BenchConfig, out_dir: str | Path | None, mode: str, progress: b
         pending = [c for c in group if c.key not in done]
         if not pending:
             continue
-        backend = backend_class(pending[0].backend)()
+        backend = BACKENDS.get(pending[0].backend)()
         cell = pending[0]
         try:
             with backend:
@@ -341,8 +336,7 @@ def bench_config_from_args(
         return [value] if isinstance(value, str) else list(value)
 
     task_names = as_list(tasks)
-    available_tasks()  # registers the built-in tasks so that needs_path is known
-    file_tasks = [t for t in task_names if t in TASKS and TASKS[t].needs_path]
+    file_tasks = [t for t in task_names if t in TASKS and TASKS.get(t).needs_path]
     if task_file is not None and not file_tasks:
         raise EdgelmmError(
             f"a task file was given ({task_file}) but no task reads one",

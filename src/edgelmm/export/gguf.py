@@ -151,11 +151,8 @@ def _encode(array: np.ndarray, outtype: str, gguf: Any) -> tuple[np.ndarray, Any
     return gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
 
 
-def _checkpoint_dtype(path: Path) -> str:
+def _checkpoint_dtype(config: dict[str, Any]) -> str:
     """Load in the checkpoint's own precision: no rounding before the requested output type."""
-    from edgelmm.models.loader import read_config
-
-    config = read_config(path)
     text = config.get("text_config") or {}
     dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
     return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
@@ -164,20 +161,24 @@ def _checkpoint_dtype(path: Path) -> str:
 def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | None = None) -> GGUFExport:
     """Write the language model of `model` (bundled name or checkpoint dir) to `out` atomically."""
     gguf = _gguf()
-    from edgelmm.models.loader import load_model, resolve_model_path
+    from edgelmm.models.loader import load_model, resolve_checkpoint
 
     if outtype not in OUT_TYPES:
         raise EdgelmmError(f"unknown GGUF output type '{outtype}'", f"choose one of: {', '.join(OUT_TYPES)}")
     out = Path(out)
     if out.suffix != ".gguf":
         raise EdgelmmError(f"output file '{out}' does not end in .gguf", "name the output FILE.gguf")
-    path = resolve_model_path(model)
-    _, processor, adapter, _ = load_model(ModelSpec(path=model, device="cpu", dtype=_checkpoint_dtype(path)))
+    checkpoint = resolve_checkpoint(model)
+    if checkpoint.quantization is not None:
+        raise EdgelmmError(f"{model} is a W4A16/W8A16 checkpoint: GGUF export takes the float model",
+                           "export the float checkpoint it was quantized from, with --outtype q8_0 for 8-bit weights")
+    spec = ModelSpec(path=model, device="cpu", dtype=_checkpoint_dtype(checkpoint.config))
+    _, processor, adapter, _ = load_model(spec, checkpoint)
     text = adapter.text_config
     arch = ARCHES.get(text.model_type)
     if arch is None:
         raise EdgelmmError(
-            f"GGUF export: the language model of {path} is '{text.model_type}'",
+            f"GGUF export: the language model of {checkpoint.path} is '{text.model_type}'",
             f"supported language models: {', '.join(ARCHES)}",
         )
     rope = dict(getattr(text, "rope_parameters", None) or {})

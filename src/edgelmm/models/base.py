@@ -2,23 +2,36 @@
 
 An adapter wraps a loaded transformers model (and its processor) and answers structural
 questions: which modules are the decoder layers, attention, MLP, vision tower and projector,
-which positions of a sequence hold image tokens, and how to turn a prompt plus images into the
-model's inputs through the model's own processor and chat template.
+which positions of a sequence hold image tokens, and how to turn a request (messages, text or
+token ids, with images) into the model's inputs through the model's own processor and chat
+template. Its classmethods hold the rest of what edgelmm knows about a family: how to load it
+(`load_model`, `load_processor`, `key_mapping` for checkpoints with their own weight names)
+and how big it is (`architecture`, for `edgelmm plan`). A new family — a user's own VLM
+included — is one adapter class registered in `edgelmm.registry.MODEL_FAMILIES`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from edgelmm.errors import EdgelmmError, RequestError
+from edgelmm.models.architecture import Architecture
+from edgelmm.request import Request
 
 
 class ModelAdapter:
     family: ClassVar[str] = "base"
     model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values this adapter serves
     multimodal: ClassVar[bool] = True
+    # Checkpoint weight name -> model weight name, as regular expressions (transformers' key_mapping),
+    # for checkpoints saved under other names than the model's modules.
+    key_mapping: ClassVar[dict[str, str] | None] = None
+    planned_types: ClassVar[tuple[str, ...]] = ()  # the model_types `architecture` sizes (edgelmm plan)
 
     def __init__(self, model: nn.Module, processor: Any | None = None):
         self.model = model
@@ -117,38 +130,195 @@ class ModelAdapter:
         return sorted(ids)
 
     # ------------------------------------------------------------ inputs
-    def messages(self, prompt: str, images: list[Any]) -> list[dict[str, Any]]:
-        """One user turn in the chat-template form the processors expect."""
-        if not self.multimodal:
-            return [{"role": "user", "content": prompt}]
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-        content.append({"type": "text", "text": prompt})
-        return [{"role": "user", "content": content}]
+    def hf_messages(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """A request's messages in the form chat templates read (images as {"type": "image"}
+        placeholders where they are), and the images in that order. A text-only model's template
+        gets plain strings. "developer" turns are system turns, as OpenAI defines them."""
+        converted, images = [], []
+        for message in messages:
+            role = "system" if message["role"] == "developer" else message["role"]
+            content = message["content"]
+            if isinstance(content, str) and self.multimodal:  # VLM templates iterate over parts
+                content = [{"type": "text", "text": content}]
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part["type"] == "image":
+                        if not self.multimodal:
+                            raise RequestError(f"model '{self.config.model_type}' is a text-only language model and cannot take images",
+                                               "drop the images or load a vision-language model")
+                        images.append(part["image"])
+                        parts.append({"type": "image"})
+                    else:
+                        parts.append({"type": "text", "text": part["text"]})
+                if not self.multimodal:
+                    content = "".join(p["text"] for p in parts)
+                else:
+                    content = parts
+            converted.append({"role": role, "content": content})
+        return converted, images
 
-    def chat_text(self, prompt: str, images: list[Any]) -> str:
-        return self.processor.apply_chat_template(
-            self.messages(prompt, images), add_generation_prompt=True, tokenize=False
-        )
+    def chat_text(self, messages: list[dict[str, Any]]) -> str:
+        """A conversation rendered by the model's own chat template, ready for the reply."""
+        from jinja2 import TemplateError
 
-    def build_inputs(self, prompt: str, images: list[Any]) -> dict[str, torch.Tensor]:
-        return self.build_batch([(prompt, images)])
+        converted, _ = self.hf_messages(messages)
+        try:
+            return self.processor.apply_chat_template(converted, add_generation_prompt=True, tokenize=False)
+        except (TemplateError, ValueError) as exc:
+            raise RequestError(f"the model's chat template rejects this conversation: {exc}") from None
 
-    def build_batch(self, items: list[tuple[str, list[Any]]]) -> dict[str, torch.Tensor]:
-        """Model inputs for several prompts at once, left-padded so that generation lines up."""
-        texts = [self.chat_text(prompt, images) for prompt, images in items]
-        # As transformers' own apply_chat_template(tokenize=True): a tokenizer never adds special
-        # tokens to a templated prompt, a processor adds them unless the template starts with BOS.
+    def build_inputs(self, request: Request) -> dict[str, torch.Tensor]:
+        """The model's inputs for one request (batch of one)."""
+        return self.build_batch([request])
+
+    def build_batch(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """Model inputs for several requests at once, left-padded so that generation lines up."""
+        return self.collate([self._one(r) for r in requests])
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The token ids the model reads for a request, image placeholders expanded."""
+        return self._one(request)["input_ids"][0].tolist()
+
+    def _one(self, request: Request) -> dict[str, torch.Tensor]:
+        images = request.all_images()
+        if images and not self.multimodal:
+            raise RequestError(f"model '{self.config.model_type}' is a text-only language model and cannot take images",
+                               "drop the images or load a vision-language model")
+        if request.token_ids is not None:
+            return self._from_ids(request.token_ids, images)
+        if request.messages is not None:
+            text = self.chat_text(request.messages)
+            # As transformers' own apply_chat_template(tokenize=True): a tokenizer never adds special
+            # tokens to a templated prompt, a processor adds them unless the template starts with BOS.
+            add_special = self.multimodal and not self._starts_with_bos(text)
+        else:
+            text = request.text
+            add_special = not self._starts_with_bos(text)  # raw text: BOS added as completions servers do
+        return self._process(text, images, add_special)
+
+    def _starts_with_bos(self, text: str) -> bool:
         bos = self.tokenizer.bos_token
-        add_special = self.multimodal and not (bos and texts[0].startswith(bos))
-        # padding_side per call, so the tokenizer's own setting (shared with others) stays as it is.
-        kwargs = {"return_tensors": "pt", "padding": True, "padding_side": "left", "add_special_tokens": add_special}
+        return bool(bos and text.startswith(bos))
+
+    def _process(self, text: str, images: list[Any], add_special: bool) -> dict[str, torch.Tensor]:
+        kwargs = {"return_tensors": "pt", "add_special_tokens": add_special}
         if not self.multimodal:
-            return dict(self.tokenizer(texts, **kwargs))
-        flat = [image for _, images in items for image in images]
-        return dict(self.processor(text=texts, images=flat or None, **kwargs))
+            return dict(self.tokenizer([text], **kwargs))
+        try:
+            return dict(self.processor(text=[text], images=images or None, **kwargs))
+        except (ValueError, IndexError) as exc:  # placeholders and images that do not match
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RequestError(f"the prompt's image placeholders and its {len(images)} image(s) do not match: {first}",
+                               "give one image per placeholder (chat requests place them for you)") from None
+
+    def _from_ids(self, ids: list[int], images: list[Any]) -> dict[str, torch.Tensor]:
+        """Token ids used exactly as given; images run through the processor alone, and the ids
+        must hold each image's tokens already expanded (as the processor expands them)."""
+        vocab = self.text_config.vocab_size
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the model's vocabulary (ids 0..{vocab - 1})")
+        input_ids = torch.tensor([ids])
+        image_tokens = int(self.image_token_mask(input_ids).sum())
+        if not images:
+            if image_tokens:
+                raise RequestError(f"the token-id prompt holds {image_tokens} image token(s) but no image was given",
+                                   "send the images with the prompt, or drop the image tokens")
+            return {"input_ids": input_ids, **self.token_fields(input_ids)}
+        placeholder = getattr(self.processor, "image_token", None)
+        if placeholder is None:
+            raise RequestError(f"the {self.family} processor names no image placeholder: token-id prompts cannot carry images")
+        processed = self._process(placeholder * len(images), images, add_special=False)
+        needed = int(self.image_token_mask(processed["input_ids"]).sum())
+        if image_tokens != needed:
+            raise RequestError(
+                f"the token-id prompt holds {image_tokens} image token(s); its {len(images)} image(s) need {needed}",
+                "expand each image placeholder as the model's processor does (the prompt_token_ids of a chat answer)",
+            )
+        per_token = {k for k, v in processed.items() if isinstance(v, torch.Tensor) and v.dim() == 2
+                     and v.shape == processed["input_ids"].shape}
+        images_only = {k: v for k, v in processed.items() if k not in per_token}
+        return {"input_ids": input_ids, **self.token_fields(input_ids), **images_only}
+
+    def token_fields(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-token inputs besides the ids that the processor would give for these ids."""
+        return {"attention_mask": torch.ones_like(input_ids)}
+
+    def append_tokens(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A one-request input with token ids [n] appended (a reference answer, a continuation):
+        every per-token field grows with it, as the processor would have made it."""
+        length = inputs["input_ids"].shape[1]
+        full = torch.cat([inputs["input_ids"][0], ids.to(inputs["input_ids"].dtype)])[None]
+        out = dict(inputs)
+        fields = self.token_fields(full)
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (1, length):
+                out[key] = full if key == "input_ids" else fields.get(key, torch.cat([value, value.new_zeros(1, ids.numel())], 1))
+        return out
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One batch from per-request inputs: per-token fields left-padded (pad id, mask 0),
+        image tensors concatenated along their first axis (images, tiles or patches), as the
+        families' processors batch them."""
+        if len(items) == 1:
+            return items[0]
+        length = max(item["input_ids"].shape[1] for item in items)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out: dict[str, torch.Tensor] = {}
+        for key in items[0]:
+            values = [item[key] for item in items if key in item]
+            first = values[0]
+            if first.dim() == 2 and first.shape == items[0]["input_ids"].shape:
+                fill = pad if key == "input_ids" else 0
+                out[key] = torch.cat([torch.nn.functional.pad(v, (length - v.shape[1], 0), value=fill) for v in values])
+            else:
+                out[key] = torch.cat(values)
+        return out
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token on its own, special tokens included (for log-probability entries)."""
+        return [self.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+
+    # ------------------------------------------------------------ loading (a family may override)
+    @classmethod
+    def model_class(cls) -> Any:
+        """The transformers auto class (or the model's own class) that builds this family."""
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText if cls.multimodal else AutoModelForCausalLM
+
+    @classmethod
+    def load_model(cls, path: Path, dtype: torch.dtype, trust_remote_code: bool = False,
+                   attn_implementation: str | None = "sdpa") -> nn.Module:
+        """The float model from a checkpoint directory, offline; `key_mapping` renames its weights."""
+        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "local_files_only": True}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if cls.key_mapping:
+            kwargs["key_mapping"] = dict(cls.key_mapping)
+        return cls.model_class().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def build_model(cls, config: Any, dtype: torch.dtype) -> nn.Module:
+        """The model from its transformers config, without weights (quantized checkpoints fill them)."""
+        return cls.model_class().from_config(config, dtype=dtype)
+
+    @classmethod
+    def load_processor(cls, path: Path, model_type: str, trust_remote_code: bool = False) -> Any:
+        """The tokenizer of a causal LM, or the image-only processor of a VLM, from local files."""
+        from edgelmm.models.processors import load_processor
+
+        return load_processor(path, model_type, cls.multimodal, trust_remote_code)
+
+    @classmethod
+    def architecture(cls, config: Any) -> Architecture:
+        """Sizes for `edgelmm plan` from the transformers config (no weights)."""
+        raise EdgelmmError(f"the {cls.family} adapter does not size its models for the planner",
+                           "implement architecture() in its adapter")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r}, layers={len(self.language_layers())})"

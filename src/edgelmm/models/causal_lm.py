@@ -7,13 +7,15 @@ them; they have no vision side and no image tokens, and their tokenizer is the p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
+from edgelmm.models.architecture import Architecture, decoder_architecture
 from edgelmm.models.base import ModelAdapter
-from edgelmm.models.registry import register_adapter
 
 
-@register_adapter
 class CausalLMAdapter(ModelAdapter):
     family = "causal_lm"
     multimodal = False
@@ -21,6 +23,7 @@ class CausalLMAdapter(ModelAdapter):
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
         "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo2", "smollm3", "starcoder2",
     )
+    planned_types = ("llama", "qwen2", "qwen3")
 
     def vision_tower(self) -> nn.Module | None:
         return None
@@ -31,3 +34,7 @@ class CausalLMAdapter(ModelAdapter):
     @property
     def image_token_id(self) -> int | None:
         return None
+
+    @classmethod
+    def architecture(cls, config: Mapping[str, Any]) -> Architecture:
+        return decoder_architecture(config)

@@ -21,14 +21,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgelmm.models.architecture import (
+    Architecture,
+    VisionArch,
+    decoder_architecture,
+    linear_params,
+    norm_params,
+)
 from edgelmm.models.base import ModelAdapter, feature_layer
-from edgelmm.models.registry import register_adapter
 
 
-@register_adapter
 class InternVLAdapter(ModelAdapter):
     family = "internvl"
     model_types = ("internvl",)
+    planned_types = ("internvl",)
 
     def vision_attention(self) -> nn.Module:
         layers = self.vision_tower().encoder.layer
@@ -54,3 +60,34 @@ class InternVLAdapter(ModelAdapter):
         if cls:
             index = torch.cat([torch.full((n_tiles, 1), -1), index], dim=1)
         return index.flatten()
+
+    @classmethod
+    def architecture(cls, config: Mapping[str, Any]) -> Architecture:
+        return decoder_architecture(config, _vision)
+
+
+def _vision(config: Any) -> VisionArch:
+    v, t = config.vision_config, config.get_text_config()
+    h, i = v.hidden_size, v.intermediate_size
+    (image_h, image_w), (patch_h, patch_w) = v.image_size, v.patch_size
+    patches = (image_h // patch_h) * (image_w // patch_w)
+    block = (
+        3 * linear_params(h, h, v.attention_bias)
+        + linear_params(h, h)  # output projection always has a bias
+        + 2 * h * v.use_qk_norm  # RMSNorm over the whole width
+        + 2 * norm_params(h, v.norm_type == "layer_norm")
+        + linear_params(h, i)
+        + linear_params(i, h)
+        + 2 * h  # layer-scale vectors lambda_1, lambda_2
+    )
+    encoder = (
+        h * (1 + v.use_mask_token)  # class token (+ mask token)
+        + linear_params(v.num_channels * patch_h * patch_w, h)  # patch conv with bias
+        + (patches + 1) * h * v.use_absolute_position_embeddings
+        + (0 if v.use_mean_pooling else norm_params(h))
+    )
+    shuffle = int(1 / config.downsample_ratio) ** 2  # pixel shuffle folds shuffle patches into one token
+    wide = h * shuffle
+    projector = norm_params(wide) + linear_params(wide, t.hidden_size) + linear_params(t.hidden_size, t.hidden_size)
+    n = v.num_hidden_layers
+    return VisionArch(encoder + n * block, projector, n, h, i, patches // shuffle, shuffle)

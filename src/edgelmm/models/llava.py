@@ -14,14 +14,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgelmm.errors import EdgelmmError
+from edgelmm.models.architecture import (
+    Architecture,
+    VisionArch,
+    decoder_architecture,
+    linear_params,
+    norm_params,
+)
 from edgelmm.models.base import ModelAdapter, feature_layer, sequence_token_map
-from edgelmm.models.registry import register_adapter
 
 
-@register_adapter
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_types = ("llava",)
+    planned_types = ("llava",)
 
     def vision_attention(self) -> nn.Module:
         tower = self.vision_tower()
@@ -35,3 +42,23 @@ class LlavaAdapter(ModelAdapter):
     def vision_token_map(self, tower_inputs: Mapping[str, Any], n_scored: int) -> torch.Tensor:
         n_images = tower_inputs["pixel_values"].shape[0]
         return sequence_token_map(n_images, n_scored // n_images, self.vision_cls_token)
+
+    @classmethod
+    def architecture(cls, config: Mapping[str, Any]) -> Architecture:
+        return decoder_architecture(config, _vision)
+
+
+def _vision(config: Any) -> VisionArch:
+    v, t = config.vision_config, config.get_text_config()
+    if v.model_type != "clip_vision_model":
+        raise EdgelmmError(f"llava with a '{v.model_type}' vision tower is not known to the planner", "supported: CLIP")
+    h, i = v.hidden_size, v.intermediate_size
+    patches = (v.image_size // v.patch_size) ** 2
+    block = 4 * linear_params(h, h) + 2 * norm_params(h) + linear_params(h, i) + linear_params(i, h)
+    # class token, patch conv (no bias), positions for patches + class token, pre- and post-norm
+    encoder = h + v.num_channels * v.patch_size**2 * h + (patches + 1) * h + 2 * norm_params(h)
+    feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+    bias = config.multimodal_projector_bias
+    projector = linear_params(h * feature_layers, t.hidden_size, bias) + linear_params(t.hidden_size, t.hidden_size, bias)
+    tokens = patches + (config.vision_feature_select_strategy == "full")  # "default" drops the class token
+    return VisionArch(encoder + v.num_hidden_layers * block, projector, v.num_hidden_layers, h, i, tokens, 1)

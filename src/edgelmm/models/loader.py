@@ -1,26 +1,53 @@
-"""Resolve a model name or directory and load it with transformers, offline only."""
+"""Resolve a model name or directory once (its config read once), and load a float model offline.
+
+`resolve_checkpoint` answers everything later steps ask of a checkpoint — its directory, its
+config.json, the family's adapter, whether it is quantized — so a load reads config.json once.
+Quantized checkpoints are loaded by `edgelmm.methods.quantization.load_quantized_model`; the
+backend that loads a model makes that choice from `Checkpoint.quantization`.
+"""
 
 from __future__ import annotations
 
 import json
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from edgelmm.config import ModelSpec
 from edgelmm.errors import EdgelmmError
 from edgelmm.models.base import ModelAdapter
 from edgelmm.models.registry import adapter_class
+from edgelmm.utils.device import resolve_device, resolve_dtype
+
+QUANTIZED_FORMATS = ("compressed-tensors", "awq")  # quant_method values edgelmm's own kernels run
 
 
-def resolve_model_path(name_or_path: str) -> Path:
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]  # config.json, as read
+    adapter_cls: type[ModelAdapter]
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config["model_type"])
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """The quantization_config of a W4A16/W8A16 checkpoint edgelmm runs; None for a float one."""
+        qc = self.config.get("quantization_config")
+        return qc if isinstance(qc, dict) and qc.get("quant_method") in QUANTIZED_FORMATS else None
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
     """A bundled demo name or a local directory holding config.json; nothing is downloaded."""
     from edgelmm.demo import DEMO_MODELS, checkpoint_path
 
-    if name_or_path in DEMO_MODELS:
-        return checkpoint_path(name_or_path)
+    if str(name_or_path) in DEMO_MODELS:
+        return checkpoint_path(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise EdgelmmError(
@@ -36,80 +63,38 @@ def resolve_model_path(name_or_path: str) -> Path:
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise EdgelmmError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})", "is this a transformers checkpoint?") from None
     except json.JSONDecodeError as exc:
-        raise EdgelmmError(f"{path / 'config.json'}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise EdgelmmError(f"{file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise EdgelmmError(f"{path / 'config.json'} has no 'model_type'", "is this a transformers checkpoint?")
+        raise EdgelmmError(f"{file} has no 'model_type'", "is this a transformers checkpoint?")
     return config
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EdgelmmError("device 'cuda' asked for, but torch sees no CUDA GPU", "use --device cpu, or install a CUDA build of torch")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
-@cache
-def images_only(processor_cls: type) -> type:
-    """The family's own processor class, without its video processor.
-
-    transformers 5 gives every Qwen-VL and InternVL processor a mandatory video processor, and
-    video processors need torchvision, which CPU-only and Jetson installs often lack (PyPI's
-    torchvision wheels do not even load against torch's CPU build). edgelmm feeds images only,
-    so it drops that one part: tokenizer, image processor, chat template and the image-token
-    expansion stay the family's own. Cached, so that a family has one such class.
-    """
-    attributes = [name for name in processor_cls.get_attributes() if name != "video_processor"]
-    return type(processor_cls.__name__, (processor_cls,), {"get_attributes": classmethod(lambda cls: attributes)})
-
-
-def load_processor(path: Path, model_type: str, multimodal: bool, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a causal LM, or the image-only processor of a VLM, from local files."""
-    from transformers import AutoProcessor, AutoTokenizer
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
-
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
-    if not multimodal:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-    name = PROCESSOR_MAPPING_NAMES.get(model_type)
-    if name is None:  # not a transformers-native family (remote code): let transformers resolve it
-        return AutoProcessor.from_pretrained(path, **kwargs)
-    return images_only(processor_class_from_name(name)).from_pretrained(path, local_files_only=True)
-
-
-def load_model(spec: ModelSpec) -> tuple[torch.nn.Module, Any, ModelAdapter, torch.device]:
-    """Load weights and processor, move to the device, and wrap in the family's adapter."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    path = resolve_model_path(spec.path)
+def resolve_checkpoint(name_or_path: str | Path | Checkpoint) -> Checkpoint:
+    if isinstance(name_or_path, Checkpoint):
+        return name_or_path
+    path = resolve_model_path(name_or_path)
     config = read_config(path)
-    if config.get("quantization_config", {}).get("quant_method") in ("compressed-tensors", "awq"):
-        # W4A16 checkpoints run on edgelmm's own packed kernels (either layout it writes).
-        from edgelmm.methods.quantization import load_quantized_model
+    return Checkpoint(path, config, adapter_class(config["model_type"]))
 
-        return load_quantized_model(spec)
-    cls = adapter_class(config["model_type"])
+
+def load_model(spec: ModelSpec, checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, Any, ModelAdapter, torch.device]:
+    """Load a float checkpoint's weights and processor onto the spec's device, wrapped in its adapter
+    (`checkpoint`: spec.path already resolved)."""
+    checkpoint = checkpoint or resolve_checkpoint(spec.path)
+    cls = checkpoint.adapter_cls
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    auto_model = AutoModelForImageTextToText if cls.multimodal else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "local_files_only": True}
-    if spec.attn_implementation:
-        kwargs["attn_implementation"] = spec.attn_implementation
     try:
-        model = auto_model.from_pretrained(path, **kwargs)
-        processor = load_processor(path, config["model_type"], cls.multimodal, spec.trust_remote_code)
-    except (OSError, ValueError) as exc:
+        model = cls.load_model(checkpoint.path, dtype, spec.trust_remote_code, spec.attn_implementation)
+        processor = cls.load_processor(checkpoint.path, checkpoint.model_type, spec.trust_remote_code)
+    except (OSError, ValueError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgelmmError(f"cannot load {path}: {first}", "check that the checkpoint is complete") from None
+        raise EdgelmmError(f"cannot load {checkpoint.path}: {first}", "check that the checkpoint is complete") from None
     model.to(device).eval()
     return model, processor, cls(model, processor), device

@@ -17,14 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgelmm.models.architecture import (
+    Architecture,
+    VisionArch,
+    decoder_architecture,
+    linear_params,
+    merger_params,
+    norm_params,
+    qwen_geometry,
+)
 from edgelmm.models.base import ModelAdapter
-from edgelmm.models.registry import register_adapter
 
 
-@register_adapter
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    planned_types = ("qwen2_vl", "qwen2_5_vl")
 
     def vision_tower(self) -> nn.Module:
         return self.model.model.visual
@@ -47,3 +55,32 @@ class Qwen2VLAdapter(ModelAdapter):
             )
             merged = window_index.cpu()[merged]
         return merged
+
+    def token_fields(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The processor also marks each token's modality (1: image), which M-RoPE reads."""
+        return {**super().token_fields(input_ids), "mm_token_type_ids": self.image_token_mask(input_ids).long()}
+
+    @classmethod
+    def architecture(cls, config: Mapping[str, Any]) -> Architecture:
+        return decoder_architecture(config, _qwen2_5_vl if config.get("model_type") == "qwen2_5_vl" else _qwen2_vl)
+
+
+def _qwen2_vl(config: Any) -> VisionArch:
+    v = config.vision_config
+    e, i, m = v.embed_dim, int(v.embed_dim * v.mlp_ratio), v.spatial_merge_size
+    block = 2 * norm_params(e) + linear_params(e, 3 * e) + linear_params(e, e) + linear_params(e, i) + linear_params(i, e)
+    patch_embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * e  # Conv3d, no bias
+    tokens, per_token = qwen_geometry(v.patch_size, m)
+    projector = merger_params(e, m, v.hidden_size, norm_params(e))
+    return VisionArch(patch_embed + v.depth * block, projector, v.depth, e, i, tokens, per_token)
+
+
+def _qwen2_5_vl(config: Any) -> VisionArch:
+    v = config.vision_config
+    h, i, m = v.hidden_size, v.intermediate_size, v.spatial_merge_size
+    # RMSNorms and a gated (SwiGLU) MLP with biases
+    block = 2 * norm_params(h, False) + linear_params(h, 3 * h) + linear_params(h, h) + 2 * linear_params(h, i) + linear_params(i, h)
+    patch_embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * h
+    tokens, per_token = qwen_geometry(v.patch_size, m)
+    projector = merger_params(h, m, v.out_hidden_size, norm_params(h, False))
+    return VisionArch(patch_embed + v.depth * block, projector, v.depth, h, i, tokens, per_token)

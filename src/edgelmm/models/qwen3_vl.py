@@ -11,19 +11,47 @@ visual tokens before those layers have run takes the deepstack inputs over throu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from edgelmm.models.architecture import (
+    Architecture,
+    VisionArch,
+    decoder_architecture,
+    linear_params,
+    merger_params,
+    norm_params,
+    qwen_geometry,
+)
 from edgelmm.models.qwen2_vl import Qwen2VLAdapter
-from edgelmm.models.registry import register_adapter
 
 
-@register_adapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_types = ("qwen3_vl", "qwen3_vl_moe")
+    planned_types = ("qwen3_vl",)
 
     def take_visual_injections(self, lm_kwargs: dict[str, Any]) -> list[torch.Tensor]:
         lm_kwargs.pop("visual_pos_masks", None)  # the image-token mask, which the caller has
         return list(lm_kwargs.pop("deepstack_visual_embeds", None) or [])
+
+    @classmethod
+    def architecture(cls, config: Mapping[str, Any]) -> Architecture:
+        return decoder_architecture(config, _vision)
+
+
+def _vision(config: Any) -> VisionArch:
+    v = config.vision_config
+    h, i, m = v.hidden_size, v.intermediate_size, v.spatial_merge_size
+    block = 2 * norm_params(h) + linear_params(h, 3 * h) + linear_params(h, h) + linear_params(h, i) + linear_params(i, h)
+    # Conv3d with bias, plus a learned position table interpolated to the image grid
+    embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * h + h + v.num_position_embeddings * h
+    tokens, per_token = qwen_geometry(v.patch_size, m)
+    # the final merger normalises before merging; each deepstack merger (features of an inner block
+    # fed into an early decoder layer) normalises the merged, 4x wider vector
+    projector = merger_params(h, m, v.out_hidden_size, norm_params(h)) + len(v.deepstack_visual_indexes) * merger_params(
+        h, m, v.out_hidden_size, norm_params(h * m * m)
+    )
+    return VisionArch(embed + v.depth * block, projector, v.depth, h, i, tokens, per_token)

@@ -1,53 +1,46 @@
-"""Adapters by `config.model_type`: a new family is one module plus one line in FAMILY_MODULES."""
+"""Adapters by `config.model_type`, over the model families of `edgelmm.registry.MODEL_FAMILIES`.
+
+A new family is one adapter module plus its line there; a family from outside the package is
+registered with `register_adapter(MyAdapter)` (in a plug-in module, see `edgelmm.registry`).
+"""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from torch import nn
 
 from edgelmm.errors import EdgelmmError
 from edgelmm.models.base import ModelAdapter
-
-# Modules that define and register adapters; imported on first use.
-FAMILY_MODULES = (
-    "edgelmm.models.llava",
-    "edgelmm.models.qwen2_vl",
-    "edgelmm.models.qwen3_vl",
-    "edgelmm.models.internvl",
-    "edgelmm.models.causal_lm",
-)
-
-ADAPTERS: dict[str, type[ModelAdapter]] = {}
+from edgelmm.registry import MODEL_FAMILIES
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    for model_type in cls.model_types:
-        ADAPTERS[model_type] = cls
+    """Register an adapter class under its `family`; usable as a decorator."""
+    MODEL_FAMILIES.register(cls.family, cls)
     return cls
 
 
-def _ensure_loaded() -> None:
-    """Import every family module (each registers itself). Not skipped when ADAPTERS is merely
-    non-empty: importing one family module directly must not hide the others."""
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)
+def _by_model_type() -> dict[str, type[ModelAdapter]]:
+    found: dict[str, type[ModelAdapter]] = {}
+    for _, cls in MODEL_FAMILIES.items():
+        for model_type in cls.model_types:
+            found.setdefault(model_type, cls)
+    return found
 
 
 def supported_model_types() -> list[str]:
-    _ensure_loaded()
-    return sorted(ADAPTERS)
+    return sorted(_by_model_type())
 
 
 def adapter_class(model_type: str) -> type[ModelAdapter]:
-    _ensure_loaded()
-    if model_type not in ADAPTERS:
+    adapters = _by_model_type()
+    if model_type not in adapters:
         raise EdgelmmError(
             f"unsupported model_type '{model_type}'",
-            f"supported: {', '.join(sorted(ADAPTERS))}; add an adapter in edgelmm/models/",
+            f"supported: {', '.join(sorted(adapters))}; a new family is an adapter registered in edgelmm.registry.MODEL_FAMILIES",
         )
-    return ADAPTERS[model_type]
+    return adapters[model_type]
 
 
 def get_adapter(model: nn.Module, processor: Any | None = None) -> ModelAdapter:

@@ -1,9 +1,10 @@
 """An OpenAI-compatible server over any in-process backend (`edgelmm serve`).
 
-    app.py      routes, auth, limits, SSE, OpenAI error objects
-    engine.py   the one thread that owns the model: queue, batching, streaming, cancellation
-    text.py     token-level access (raw prompts, chat rendering, scoring) beyond Backend
-    schemas.py  request bodies and server limits
+    app.py        routes, auth, limits, SSE
+    engine.py     the one thread that owns the model: queue, batching, streaming, cancellation
+    responses.py  results in the OpenAI response shapes (logprobs, usage, vLLM's extensions)
+    errors.py     OpenAI error objects
+    schemas.py    request bodies and server limits
     images.py   data-URL / local-file images with size limits
     metrics.py  Prometheus text metrics
     server.py   run_server (CLI) and BackgroundServer (tests, benchmarks)

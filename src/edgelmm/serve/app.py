@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API over an Engine: routes, auth, limits, SSE and errors.
 
-Every error leaves as an OpenAI error object (`{"error": {"message", "type", "param", "code"}}`)
-with a 4xx status when the client can fix it, so the official clients raise their usual
-exceptions; nothing a client sends can stop the server.
+Routes are module-level functions over the app's state (`request.app.state.server`, one
+`ServerState`). Every error leaves as an OpenAI error object with a 4xx status when the client
+can fix it (see `errors`), so the official clients raise their usual exceptions; nothing a
+client sends can stop the server.
 """
 
 from __future__ import annotations
@@ -12,39 +13,33 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import (
-    JSONResponse,
-    PlainTextResponse,
-    Response,
-    StreamingResponse,
-)
+from fastapi import Depends, FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edgelmm.backends.base import Result, TokenScore
 from edgelmm.config import SamplingParams
-from edgelmm.serve.engine import (
-    ApiError,
-    Completion,
-    Engine,
-    Prompt,
-    Stream,
-    StreamItem,
-    log,
-)
+from edgelmm.errors import EdgelmmError
+from edgelmm.request import Request
+from edgelmm.serve.engine import Completion, Engine, Stream, StreamItem
+from edgelmm.serve.errors import ApiError, log
 from edgelmm.serve.images import load_image
 from edgelmm.serve.metrics import Metrics
-from edgelmm.serve.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    Limits,
-    Message,
+from edgelmm.serve.responses import (
+    Names,
+    chat_logprobs,
+    completion_logprobs,
+    generated_scores,
+    result_usage,
+    vllm_prompt_logprobs,
 )
-from edgelmm.serve.text import TokenScore
+from edgelmm.serve.schemas import ChatCompletionRequest, CompletionRequest, Limits, Message, _Sampling
 
 B = TypeVar("B", bound=BaseModel)
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
@@ -58,14 +53,29 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
 
 
+@dataclass
+class ServerState:
+    engine: Engine
+    config: ServerConfig
+    metrics: Metrics
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+def _state(request: HttpRequest) -> ServerState:
+    return request.app.state.server
 
 
 # ---------------------------------------------------------------- request parsing
 
 
-async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+async def _json_body(request: HttpRequest, limit: int) -> dict[str, Any]:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # also keeps a web page's form posts away from a local server
+        raise ApiError(415, f"the request body must be JSON (Content-Type: application/json), got '{kind or 'none'}'")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise ApiError(413, f"request body larger than {limit // 2**20} MiB")
@@ -93,12 +103,12 @@ def _validate(schema: type[B], data: dict[str, Any]) -> B:
         raise ApiError(400, f"{where}: {message}" if where else message, param=where or None) from None
 
 
-async def _until_disconnect(request: Request) -> None:
+async def _until_disconnect(request: HttpRequest) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
+async def _unless_gone(request: HttpRequest, work: Awaitable[Any]) -> Any:
     """Await `work`, cancelling it (which frees its engine slot) if the client disconnects first."""
     task, watch = asyncio.ensure_future(work), asyncio.ensure_future(_until_disconnect(request))
     try:
@@ -111,310 +121,358 @@ async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
         watch.cancel()
 
 
-# ---------------------------------------------------------------- answer building
+def _check_model(state: ServerState, name: str) -> None:
+    if name != state.config.model_name:
+        raise ApiError(404, f"the model '{name}' does not exist; this server serves '{state.config.model_name}'",
+                       code="model_not_found", param="model")
+
+
+def _sampling(state: ServerState, body: _Sampling, max_tokens: int, logprobs: bool, top: int,
+              prompt_logprobs: int | None) -> SamplingParams:
+    limit = state.config.limits.max_tokens
+    if max_tokens > limit:
+        raise ApiError(400, f"max_tokens is {max_tokens}, this server allows at most {limit}", param="max_tokens")
+    try:
+        return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=max(body.top_k, 0), seed=body.seed, logprobs=logprobs, top_logprobs=top,
+                              prompt_logprobs=prompt_logprobs, stop=body.stops)
+    except ValidationError as exc:
+        raise ApiError(400, exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
+async def _images(state: ServerState, urls: list[str]) -> list[Any]:
+    limits = state.config.limits
+    if len(urls) > limits.max_images:
+        raise ApiError(400, f"{len(urls)} images in one request, at most {limits.max_images} allowed", param="image_url")
+    return [await asyncio.to_thread(load_image, url, limits, state.config.allow_local_files) for url in urls]
+
+
+async def _chat_request(state: ServerState, messages: list[Message]) -> Request:
+    """OpenAI messages -> a Request with the images decoded where they are in the conversation."""
+    urls = [p.image_url.url for m in messages if isinstance(m.content, list) for p in m.content if p.type == "image_url"]
+    images = iter(await _images(state, urls))
+    converted = []
+    for message in messages:
+        content: Any = message.content
+        if isinstance(content, list):
+            content = [{"type": "text", "text": p.text} if p.type == "text" else {"type": "image", "image": next(images)}
+                       for p in content]
+        converted.append({"role": message.role, "content": content})
+    return _request(messages=converted)
+
+
+def _request(**kwargs: Any) -> Request:
+    try:
+        return Request(**kwargs)
+    except EdgelmmError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _observe(state: ServerState, started: float, results: list[Result], ttft_s: float | None) -> None:
+    metrics = state.metrics
+    for result in results:
+        metrics.prompt_tokens.inc(result.counts.prompt_tokens or 0)
+        metrics.generation_tokens.inc(result.counts.generated_tokens)
+    if ttft_s is not None:
+        metrics.ttft.observe(ttft_s)
+    metrics.latency.observe(time.perf_counter() - started)
 
 
-def _completion_usage(c: Completion) -> dict[str, int]:
-    if c.result is None:
-        return _usage(len(c.prompt_ids or []), 0)
-    return _usage(c.result.counts.prompt_tokens, c.result.counts.generated_tokens)
+def _event_stream(request: HttpRequest, state: ServerState, produce: Callable[[], AsyncIterator[str]],
+                  streams: list[Stream]) -> StreamingResponse:
+    """SSE from `produce`, which yields the response's events; a client that goes away cancels
+    the open streams, and an error mid-stream is sent as an error event."""
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    watch.add_done_callback(lambda _: [s.cancel() for s in streams])
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in produce():
+                yield event
+        except ApiError as error:
+            state.metrics.errors.inc(1, error.type)
+            yield _sse(error.body())
+        finally:
+            watch.cancel()
+            for s in streams:
+                s.cancel()
+        yield _sse("[DONE]")
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _chat_logprobs(scores: list[TokenScore]) -> dict[str, Any]:
-    def entry(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+async def _first(request: HttpRequest, stream: Stream) -> StreamItem:
+    """A stream's first item, awaited before the response starts, so that errors keep their status."""
+    try:
+        return await _unless_gone(request, stream.__anext__())
+    except BaseException:
+        stream.cancel()
+        raise
 
-    return {"content": [
-        {**entry(s.text, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s in scores
-    ]}
+
+async def _items(first: StreamItem, rest: Stream) -> AsyncIterator[StreamItem]:
+    yield first
+    if first.event.result is None:
+        async for item in rest:
+            yield item
 
 
-def _completion_logprobs(scores: list[TokenScore], offset: int = 0) -> dict[str, Any]:
-    offsets, position = [], offset
-    for s in scores:
-        offsets.append(position)
-        position += len(s.text)
-    tops = [dict(s.top) if s.logprob is not None else None for s in scores]
-    return {"tokens": [s.text for s in scores], "token_logprobs": [s.logprob for s in scores],
-            "top_logprobs": tops if any(s.top for s in scores) else None, "text_offset": offsets}
+# ---------------------------------------------------------------- routes
+
+
+async def health(request: HttpRequest) -> dict[str, Any]:
+    state = _state(request)
+    return {"status": "ok", "model": state.config.model_name, "waiting": state.engine.queued,
+            "running": state.engine.running}
+
+
+async def prometheus(request: HttpRequest) -> PlainTextResponse:
+    return PlainTextResponse(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "edgelmm",
+            "max_model_len": state.engine.max_context}
+
+
+async def list_models(request: HttpRequest) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(_state(request))]}
+
+
+async def get_model(request: HttpRequest, name: str) -> dict[str, Any]:
+    state = _state(request)
+    _check_model(state, name)
+    return _model_card(state)
+
+
+async def chat_completions(request: HttpRequest) -> Response:
+    state = _state(request)
+    started = time.perf_counter()
+    body = _validate(ChatCompletionRequest, await _json_body(request, state.config.limits.max_body_bytes))
+    _check_model(state, body.model)
+    explicit = body.requested_max_tokens is not None
+    params = _sampling(state, body, body.requested_max_tokens or state.config.limits.max_tokens, body.logprobs,
+                       body.top_logprobs or 0, body.prompt_logprobs)
+    chat = await _chat_request(state, body.messages)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
+
+    def choice_ids(choice: dict[str, Any], result: Result | None, ids: list[int] | None) -> dict[str, Any]:
+        if body.return_token_ids:
+            if ids is not None:
+                choice["token_ids"] = ids
+            if result is not None:
+                choice["prompt_token_ids"] = result.prompt_token_ids
+        return choice
+
+    if not body.stream:
+        done: Completion = await _unless_gone(request, state.engine.complete(chat, params, explicit))
+        result, names = done.result, Names(done.texts, body.return_tokens_as_token_ids)
+        choice = {
+            "index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason,
+            "stop_reason": result.stop_reason,
+            "logprobs": chat_logprobs(result.token_ids, result.logprobs, result.top_logprobs, names)
+            if body.logprobs and result.logprobs is not None else None,
+        }
+        answer = {**head, "object": "chat.completion", "choices": [choice_ids(choice, result, result.token_ids)],
+                  "usage": result_usage([result])}
+        if result.prompt_logprobs is not None:
+            answer["prompt_logprobs"] = vllm_prompt_logprobs(result.prompt_logprobs, names)
+        _observe(state, started, [result], done.queued_s + result.timings.ttft_s)
+        return JSONResponse(answer)
+
+    stream = state.engine.open_stream(chat, params, explicit)
+    first = await _first(request, stream)
+
+    def chunk(delta: dict[str, Any], **fields: Any) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None, **fields}
+        return _sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+    async def produce() -> AsyncIterator[str]:
+        yield chunk({"role": "assistant", "content": ""})
+        ttft = None
+        async for item in _items(first, stream):
+            event = item.event
+            if event.result is not None:
+                result = event.result
+                yield chunk({}, **choice_ids({"finish_reason": result.finish_reason, "stop_reason": result.stop_reason},
+                                             result, None))
+                if body.include_usage:
+                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": result_usage([result])})
+                _observe(state, started, [result], ttft)
+                return
+            if event.token_id is None and not event.text:
+                continue
+            if ttft is None and event.token_id is not None:
+                ttft = time.perf_counter() - started
+            fields: dict[str, Any] = {}
+            if body.logprobs and event.token_id is not None and event.logprob is not None:
+                names = Names(item.texts, body.return_tokens_as_token_ids)
+                fields["logprobs"] = chat_logprobs([event.token_id], [event.logprob], [event.top or []], names)
+            yield chunk({"content": event.text}, **choice_ids(fields, None, [] if event.token_id is None else [event.token_id]))
+
+    return _event_stream(request, state, produce, [stream])
+
+
+async def completions(request: HttpRequest) -> Response:
+    state = _state(request)
+    limits = state.config.limits
+    started = time.perf_counter()
+    body = _validate(CompletionRequest, await _json_body(request, limits.max_body_bytes))
+    _check_model(state, body.model)
+    prompts = body.prompts
+    if len(prompts) > limits.max_prompts:
+        raise ApiError(400, f"{len(prompts)} prompts in one request, at most {limits.max_prompts} allowed", param="prompt")
+    scored = body.echo and body.logprobs is not None
+    prompt_logprobs = (body.logprobs or 0) if body.echo else None  # echo shows the prompt as the model read it
+    params = _sampling(state, body, body.max_tokens, body.logprobs is not None, body.logprobs or 0, prompt_logprobs)
+    images = await _images(state, body.images) if body.images else []
+    requests = [_request(text=p, images=images) if isinstance(p, str) else _request(token_ids=p, images=images) for p in prompts]
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
+
+    def choice(index: int, done: Completion | None, prompt: str | list[int], text: str = "",
+               scores: list[TokenScore] | None = None, ids: list[int] | None = None, finish: str | None = None,
+               texts: dict[int, str] | None = None) -> dict[str, Any]:
+        """One choice or chunk choice; for a finished answer (`done`) everything comes from its result."""
+        names = Names(done.texts if done else (texts or {}), body.return_tokens_as_token_ids)
+        out: dict[str, Any] = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        if done is not None:
+            result = done.result
+            out.update(text=result.text, finish_reason=result.finish_reason, stop_reason=result.stop_reason)
+            scores = generated_scores(result) if params.wants_logprobs else None
+            ids = result.token_ids
+            if body.echo:
+                echoed = prompt if isinstance(prompt, str) else "".join(names.text(t) for t in result.prompt_token_ids or [])
+                out["text"] = echoed + result.text
+                if scored:
+                    scores = (result.prompt_logprobs or []) + (scores or [])
+        if scores is not None:
+            out["logprobs"] = completion_logprobs(scores, names)
+        if body.return_token_ids:
+            out["token_ids"] = ids or []
+            if done is not None:
+                out["prompt_token_ids"] = done.result.prompt_token_ids
+        return out
+
+    if not body.stream or body.echo:  # echo needs the prompt's scores first: answered whole
+        done_all: list[Completion] = await _unless_gone(
+            request, asyncio.gather(*(state.engine.complete(r, params) for r in requests)))
+        choices = [choice(i, d, p) for i, (d, p) in enumerate(zip(done_all, prompts))]
+        results = [d.result for d in done_all]
+        _observe(state, started, results, min(d.queued_s + d.result.timings.ttft_s for d in done_all))
+        if not body.stream:
+            return JSONResponse({**head, "object": "text_completion", "choices": choices, "usage": result_usage(results)})
+
+        async def replay() -> AsyncIterator[str]:
+            for c in choices:
+                yield _sse({**head, "object": "text_completion", "choices": [c]})
+            if body.include_usage:
+                yield _sse({**head, "object": "text_completion", "choices": [], "usage": result_usage(results)})
+
+        return _event_stream(request, state, replay, [])
+
+    streams = [state.engine.open_stream(r, params) for r in requests]  # queued together, answered in turn
+    first = await _first(request, streams[0])
+
+    async def produce() -> AsyncIterator[str]:
+        results, ttft = [], None
+        for index, stream in enumerate(streams):
+            offset = 0
+            items = _items(first, stream) if index == 0 else _items(await stream.__anext__(), stream)
+            async for item in items:
+                event = item.event
+                if event.result is not None:
+                    results.append(event.result)
+                    done = {"index": index, "text": "", "logprobs": None, "finish_reason": event.result.finish_reason,
+                            "stop_reason": event.result.stop_reason}
+                    if body.return_token_ids:
+                        done.update(token_ids=[], prompt_token_ids=event.result.prompt_token_ids)
+                    yield _sse({**head, "object": "text_completion", "choices": [done]})
+                    break
+                if event.token_id is None and not event.text:
+                    continue
+                if ttft is None and event.token_id is not None:
+                    ttft = time.perf_counter() - started
+                scores = None
+                if params.wants_logprobs and event.token_id is not None and event.logprob is not None:
+                    scores = [TokenScore(event.token_id, event.logprob, event.top or [])]
+                c = choice(index, None, prompts[index], event.text, scores,
+                           [] if event.token_id is None else [event.token_id], texts=item.texts)
+                if c["logprobs"] is not None:
+                    c["logprobs"]["text_offset"] = [offset]
+                offset += len(event.text)
+                yield _sse({**head, "object": "text_completion", "choices": [c]})
+        if body.include_usage:
+            yield _sse({**head, "object": "text_completion", "choices": [], "usage": result_usage(results)})
+        _observe(state, started, results, ttft)
+
+    return _event_stream(request, state, produce, streams)
 
 
 # ---------------------------------------------------------------- the app
 
 
+async def _count_requests(request: HttpRequest, call_next: Any) -> Response:
+    response = await call_next(request)
+    route = request.url.path if request.url.path in ROUTES else "other"
+    _state(request).metrics.requests.inc(1, route, str(response.status_code))
+    return response
+
+
+def _error_response(request: HttpRequest, error: ApiError) -> JSONResponse:
+    _state(request).metrics.errors.inc(1, error.type)
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _api_error(request: HttpRequest, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return _error_response(request, exc)
+
+
+async def _http_error(request: HttpRequest, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error_response(request, ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", kind))
+
+
+async def _server_error(request: HttpRequest, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error in %s %s", request.method, request.url.path)
+    return _error_response(request, ApiError(500, f"internal server error ({type(exc).__name__}); the server keeps serving",
+                                             "server_error"))
+
+
+async def _client_gone(request: HttpRequest, exc: Exception) -> Response:
+    _state(request).metrics.errors.inc(1, "client_disconnected")
+    return Response(status_code=499)
+
+
+def authorize(request: HttpRequest) -> None:
+    key = _state(request).config.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+        raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                       "authentication_error", code="invalid_api_key")
+
+
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     """The FastAPI app; the caller owns the engine (and closes it after the server stops)."""
     app = FastAPI(title="edgelmm", docs_url=None, redoc_url=None, openapi_url=None)
-    limits = config.limits
-    metrics = Metrics(queued=lambda: engine.queued, running=lambda: engine.running)
-    created = int(time.time())
-
-    def error_response(error: ApiError) -> JSONResponse:
-        metrics.errors.inc(1, error.type)
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        route = request.url.path if request.url.path in ROUTES else "other"
-        metrics.requests.inc(1, route, str(response.status_code))
-        return response
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", kind))
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return error_response(ApiError(500, f"internal server error ({type(exc).__name__}); the server keeps serving",
-                                       "server_error"))
-
-    @app.exception_handler(_ClientGone)
-    async def client_gone(request: Request, exc: _ClientGone) -> Response:
-        metrics.errors.inc(1, "client_disconnected")
-        return Response(status_code=499)
-
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), config.api_key.encode()):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                           "authentication_error", code="invalid_api_key")
-
-    def check_model(name: str) -> None:
-        if name != config.model_name:
-            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{config.model_name}'",
-                           code="model_not_found", param="model")
-
-    def sampling(body: Any, max_tokens: int, logprobs: bool) -> SamplingParams:
-        if max_tokens > limits.max_tokens:
-            raise ApiError(400, f"max_tokens is {max_tokens}, this server allows at most {limits.max_tokens}", param="max_tokens")
-        return SamplingParams(max_new_tokens=max(max_tokens, 1), temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, seed=body.seed, logprobs=logprobs, stop=body.stops)
-
-    async def images(urls: list[str]) -> list[Any]:
-        if len(urls) > limits.max_images:
-            raise ApiError(400, f"{len(urls)} images in one request, at most {limits.max_images} allowed", param="image_url")
-        return [await asyncio.to_thread(load_image, url, limits, config.allow_local_files) for url in urls]
-
-    async def chat_prompt(messages: list[Message]) -> Prompt:
-        """OpenAI messages -> HF chat messages with image placeholders, and the decoded images."""
-        converted, urls = [], []
-        for message in messages:
-            role = "system" if message.role == "developer" else message.role
-            if isinstance(message.content, str):
-                converted.append({"role": role, "content": message.content})
-                continue
-            parts = []
-            for part in message.content:
-                if part.type == "text":
-                    parts.append({"type": "text", "text": part.text})
-                else:
-                    urls.append(part.image_url.url)
-                    parts.append({"type": "image"})
-            converted.append({"role": role, "content": parts})
-        return Prompt(await images(urls), messages=converted)
-
-    def observe(started: float, c: Completion | None, ttft_s: float | None) -> None:
-        if c is not None:
-            usage = _completion_usage(c)
-            metrics.prompt_tokens.inc(usage["prompt_tokens"])
-            metrics.generation_tokens.inc(usage["completion_tokens"])
-        if ttft_s is not None:
-            metrics.ttft.observe(ttft_s)
-        metrics.latency.observe(time.perf_counter() - started)
-
-    async def respond_stream(request: Request, source: Stream | Completion, started: float, chunk: Any,
-                             usage_chunk: Any, include_usage: bool, opening: dict[str, Any] | None = None) -> StreamingResponse:
-        """SSE from a live Stream (its first item awaited first, so errors keep their status) or a
-        finished Completion (sent as one piece)."""
-        first: StreamItem | None = None
-        if isinstance(source, Stream):
-            try:
-                first = await _unless_gone(request, source.__anext__())
-            except BaseException:
-                source.cancel()
-                raise
-        watch = asyncio.ensure_future(_until_disconnect(request))
-        watch.add_done_callback(lambda _: source.cancel() if isinstance(source, Stream) else None)
-
-        async def body() -> AsyncIterator[str]:
-            ttft = None
-            try:
-                if opening is not None:
-                    yield _sse(opening)
-                if isinstance(source, Completion):  # the buffered path: the whole answer as one piece
-                    ttft = time.perf_counter() - started
-                    yield _sse(chunk(text=source.result.text, scores=source.scores, ids=source.result.token_ids))
-                    completion = source
-                else:
-                    item = first
-                    async for item in _chain(first, source):
-                        event = item.event
-                        if event.result is not None:
-                            break
-                        if ttft is None and event.token_id is not None:
-                            ttft = time.perf_counter() - started
-                        score = [TokenScore(event.token_id, item.token_text, event.logprob)] if event.logprob is not None else None
-                        ids = [event.token_id] if event.token_id is not None else []
-                        yield _sse(chunk(text=event.text, scores=score, ids=ids))
-                    completion = Completion(item.event.result)
-                yield _sse(chunk(finish=completion.result.finish_reason))
-                if include_usage:
-                    yield _sse(usage_chunk(_completion_usage(completion)))
-                yield _sse("[DONE]")
-                observe(started, completion, ttft)
-            except ApiError as error:
-                metrics.errors.inc(1, error.type)
-                yield _sse(error.body())
-                yield _sse("[DONE]")
-            finally:
-                watch.cancel()
-                if isinstance(source, Stream):
-                    source.cancel()
-
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    # ------------------------------------------------------------ routes
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model_name, "waiting": engine.queued, "running": engine.running}
-
-    @app.get("/metrics", dependencies=[Depends(authorize)])
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    def model_card() -> dict[str, Any]:
-        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "edgelmm",
-                "max_model_len": engine.max_context}
-
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
-    async def model(name: str) -> dict[str, Any]:
-        check_model(name)
-        return model_card()
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(request: Request) -> Response:
-        started = time.perf_counter()
-        body = _validate(ChatCompletionRequest, await _json_body(request, limits.max_body_bytes))
-        check_model(body.model)
-        explicit = body.requested_max_tokens is not None
-        params = sampling(body, body.requested_max_tokens or limits.max_tokens, body.logprobs)
-        prompt = await chat_prompt(body.messages)
-        top = body.top_logprobs or 0
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": now, "model": config.model_name}
-
-        if body.stream:
-            def chunk(role: bool = False, text: str | None = None, scores: list[TokenScore] | None = None,
-                      ids: list[int] | None = None, finish: str | None = None) -> dict[str, Any]:
-                if role:
-                    delta: dict[str, Any] = {"role": "assistant", "content": ""}
-                else:
-                    delta = {"content": text} if text is not None else {}
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish,
-                                          "logprobs": _chat_logprobs(scores) if scores and body.logprobs else None}
-                if body.return_token_ids and ids is not None:
-                    choice["token_ids"] = ids
-                return {**head, "object": "chat.completion.chunk", "choices": [choice]}
-
-            def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-                return {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-
-            if top:  # alternatives come from a scoring pass after generation: sent as one piece
-                source: Stream | Completion = await _unless_gone(request, engine.complete(prompt, params, explicit, top=top))
-            else:
-                source = engine.open_stream(prompt, params, explicit)
-            return await respond_stream(request, source, started, chunk, usage_chunk, body.include_usage, chunk(role=True))
-
-        c = await _unless_gone(request, engine.complete(prompt, params, explicit, top=top))
-        result = c.result
-        choice: dict[str, Any] = {
-            "index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason,
-            "logprobs": _chat_logprobs(c.scores) if body.logprobs and c.scores is not None else None,
-        }
-        if body.return_token_ids:
-            choice["token_ids"] = result.token_ids
-        observe(started, c, c.queued_s + result.timings.ttft_s)
-        return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": _completion_usage(c)})
-
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: Request) -> Response:
-        started = time.perf_counter()
-        body = _validate(CompletionRequest, await _json_body(request, limits.max_body_bytes))
-        check_model(body.model)
-        logprobs = body.logprobs is not None
-        params = sampling(body, body.max_tokens, logprobs)
-        prompt = Prompt(await images(body.images), text=body.prompt)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": now, "model": config.model_name}
-        top, scored = body.logprobs or 0, body.echo
-
-        def chunk(text: str | None = None, scores: list[TokenScore] | None = None,
-                  ids: list[int] | None = None, finish: str | None = None) -> dict[str, Any]:
-            choice: dict[str, Any] = {"index": 0, "text": text or "", "finish_reason": finish,
-                                      "logprobs": _completion_logprobs(scores) if scores and logprobs else None}
-            if body.return_token_ids and ids is not None:
-                choice["token_ids"] = ids
-            return {**head, "object": "text_completion", "choices": [choice]}
-
-        if body.stream:
-            def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-                return {**head, "object": "text_completion", "choices": [], "usage": usage}
-
-            if top or scored:
-                source: Stream | Completion = await _unless_gone(
-                    request, engine.complete(prompt, params, True, top=top, echo=scored))
-                if scored:  # echo streams the prompt first, as OpenAI's API does
-                    source.result.text = source.prompt_text + source.result.text
-                    source.scores = (source.prompt_scores or []) + (source.scores or [])
-            else:
-                source = engine.open_stream(prompt, params, True)
-
-            return await respond_stream(request, source, started, chunk, usage_chunk, body.include_usage)
-
-        c = await _unless_gone(request, engine.complete(prompt, params, True, top=top, echo=scored, generate=body.max_tokens > 0))
-        text = c.result.text if c.result else ""
-        scores = c.scores or []
-        if scored:
-            text = c.prompt_text + text
-            scores = c.prompt_scores + scores
-        choice = {"index": 0, "text": text, "finish_reason": c.result.finish_reason if c.result else "length",
-                  "logprobs": _completion_logprobs(scores) if logprobs else None}
-        if body.return_token_ids:
-            choice["token_ids"] = c.result.token_ids if c.result else []
-            choice["prompt_token_ids"] = c.prompt_ids
-        observe(started, c, c.queued_s + c.result.timings.ttft_s if c.result else None)
-        return JSONResponse({**head, "object": "text_completion", "choices": [choice], "usage": _completion_usage(c)})
-
+    app.state.server = ServerState(engine, config, Metrics(queued=lambda: engine.queued, running=lambda: engine.running))
+    app.middleware("http")(_count_requests)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(_ClientGone, _client_gone)
+    app.add_exception_handler(Exception, _server_error)
+    keyed = [Depends(authorize)]
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=keyed)
     return app
-
-
-async def _chain(first: StreamItem | None, rest: Stream) -> AsyncIterator[StreamItem]:
-    if first is not None:
-        yield first
-        if first.event.result is not None:
-            return
-    async for item in rest:
-        yield item

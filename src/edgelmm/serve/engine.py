@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -23,61 +22,41 @@ from typing import Any
 from edgelmm.backends.base import Backend, Request, Result, TokenEvent
 from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError
-from edgelmm.serve.text import TextAccess, TokenScore, text_access
-
-log = logging.getLogger("edgelmm.serve")
-
-
-class ApiError(Exception):
-    """An error the client caused or must hear about, with its HTTP status and OpenAI error type."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Prompt:
-    """What a client asked for, before the engine thread turns it into model input.
-
-    `messages` (HF message format) for chat, else `text` (raw model text or token ids).
-    """
-
-    images: list[Any]
-    messages: list[dict[str, Any]] | None = None
-    text: str | list[int] | None = None
+from edgelmm.serve.errors import ApiError, as_api_error, log
 
 
 @dataclass
 class Completion:
-    result: Result | None  # None when only the prompt was scored (echo with max_tokens 0)
-    prompt_ids: list[int] | None = None
-    prompt_text: str | None = None  # echo: the prompt as the model read it (special tokens included)
-    prompt_scores: list[TokenScore] | None = None  # echo: one per prompt token
-    scores: list[TokenScore] | None = None  # logprobs: one per generated token
+    result: Result
     queued_s: float = 0.0  # time spent waiting for the engine
+    texts: dict[int, str] = field(default_factory=dict)  # token id -> text, for log-probability entries
 
 
 @dataclass
 class StreamItem:
     event: TokenEvent
-    token_text: str | None  # the token as text, for logprobs (None: not a model token)
+    texts: dict[int, str]  # token id -> text of the event's token and its alternatives
+
+
+def scored_ids(result: Result) -> list[int]:
+    """Every token id a result's log-probabilities name (generated, alternatives, prompt)."""
+    ids = list(result.token_ids)
+    for top in result.top_logprobs or []:
+        ids += [t for t, _ in top]
+    if result.prompt_logprobs is not None:
+        ids += result.prompt_token_ids or []
+        for score in result.prompt_logprobs:
+            ids += [t for t, _ in score.top]
+    return ids
 
 
 @dataclass
 class _Job:
-    prompt: Prompt
+    request: Request
     params: SamplingParams
     explicit_max_tokens: bool
     stream: bool
-    top: int = 0  # top_logprobs wanted per generated token
-    echo: bool = False
-    generate: bool = True  # False: score the prompt only (echo with max_tokens 0)
-    loop: asyncio.AbstractEventLoop | None = None
+    loop: asyncio.AbstractEventLoop
     future: asyncio.Future | None = None
     queue: asyncio.Queue | None = None
     cancelled: bool = False
@@ -86,14 +65,14 @@ class _Job:
     @property
     def batchable(self) -> bool:
         """Plain generation whose answer does not depend on what else is in the batch."""
-        return self.generate and not (self.stream or self.top or self.echo) and (self.params.greedy or self.params.seed is None)
+        return not self.stream and (self.params.greedy or self.params.seed is None)
 
-    def batch_key(self) -> tuple[Any, ...]:
-        return (self.params.model_dump_json(), self.prompt.messages is None)
+    def batch_key(self) -> str:
+        return self.params.model_dump_json()
 
 
 class Stream:
-    """An open streaming job: async-iterate for StreamItems (the last has event.result set);
+    """An open streaming job: async-iterate for TokenEvents (the last has `result` set);
     cancel() stops it, queued or mid-generation. An error arrives as the raised ApiError."""
 
     def __init__(self, job: _Job):
@@ -120,10 +99,10 @@ class Stream:
 class Engine:
     def __init__(self, backend: Backend, max_batch_size: int = 8, max_queue: int = 256, max_context: int | None = None):
         self.backend = backend
-        self.text: TextAccess | None = text_access(backend)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.max_context = max_context or (self.text.max_context if self.text else None)
+        self.limit_context = max_context  # the server's own bound, tighter than the model's
+        self.max_context = max_context or backend.max_context
         self._jobs: collections.deque[_Job] = collections.deque()
         self._ready = threading.Condition()
         self._stopping = False
@@ -152,22 +131,20 @@ class Engine:
             self._jobs.append(job)
             self._ready.notify()
 
-    async def complete(self, prompt: Prompt, params: SamplingParams, explicit_max_tokens: bool = True,
-                       top: int = 0, echo: bool = False, generate: bool = True) -> Completion:
-        """Run one request to its end; with generate=False only the prompt is scored (for echo)."""
+    async def complete(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True) -> Completion:
+        """Run one request to its end."""
         loop = asyncio.get_running_loop()
-        job = _Job(prompt, params, explicit_max_tokens, stream=False, top=top, echo=echo, generate=generate,
-                   loop=loop, future=loop.create_future())
+        job = _Job(request, params, explicit_max_tokens, stream=False, loop=loop, future=loop.create_future())
         self._submit(job)
         try:
             return await job.future
         finally:
             job.cancelled = True  # no-op once done; stops a queued job whose handler was cancelled
 
-    def open_stream(self, prompt: Prompt, params: SamplingParams, explicit_max_tokens: bool = True) -> Stream:
+    def open_stream(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True) -> Stream:
         """Queue a streaming job; iterate the Stream for its tokens. Call from the event loop."""
         loop = asyncio.get_running_loop()
-        job = _Job(prompt, params, explicit_max_tokens, stream=True, loop=loop, queue=asyncio.Queue())
+        job = _Job(request, params, explicit_max_tokens, stream=True, loop=loop, queue=asyncio.Queue())
         self._submit(job)
         return Stream(job)
 
@@ -219,116 +196,73 @@ class Engine:
 
         job.loop.call_soon_threadsafe(settle)
 
-    @staticmethod
-    def _as_api_error(exc: BaseException) -> ApiError:
-        if isinstance(exc, ApiError):
-            return exc
-        if isinstance(exc, EdgelmmError):
-            return ApiError(400, str(exc))
-        log.exception("request failed inside the engine")
-        return ApiError(500, f"internal error in the engine ({type(exc).__name__}); the server keeps serving", "server_error")
+    def _texts(self, ids: list[int]) -> dict[int, str]:
+        """Token texts, looked up here: the engine thread is the one that may use the tokenizer."""
+        unique = list(dict.fromkeys(ids))
+        try:
+            return dict(zip(unique, self.backend.token_texts(unique)))
+        except EdgelmmError:
+            return {}
 
-    def _prepare(self, job: _Job) -> tuple[Backend, Request, bool, SamplingParams]:
-        """(backend view, request, raw, params): template or raw path, then the context limit."""
-        prompt, text = job.prompt, self.text
-        messages = prompt.messages
-        if messages is not None and len(messages) == 1 and messages[0]["role"] == "user":
-            parts = messages[0]["content"]
-            words = parts if isinstance(parts, str) else "\n".join(p["text"] for p in parts if p["type"] == "text")
-            request, raw = Request(words, list(prompt.images)), False
-        elif text is None:
-            what = "conversations other than one user message" if messages is not None else "/v1/completions"
-            raise ApiError(400, f"the '{self.backend.name}' backend serves only chat with one user message, not {what}")
-        elif messages is not None:
-            request, raw = Request(text.render_chat(messages), list(prompt.images)), True
-        else:
-            words = prompt.text if isinstance(prompt.text, str) else text.decode(prompt.text)
-            request, raw = Request(words, list(prompt.images)), True
+    def _params(self, job: _Job) -> SamplingParams:
+        """The context limit, before anything runs: an explicit max_tokens must fit; without one,
+        as many tokens as the context leaves (up to the server's max_tokens)."""
         params = job.params
-        if text is not None and self.max_context:
-            n = len(prompt.text) if isinstance(prompt.text, list) else len(text.prompt_ids(request, raw))
-            room = self.max_context - n
-            if room < (params.max_new_tokens if job.explicit_max_tokens else 1):
-                raise ApiError(
-                    400, f"this model's context is {self.max_context} tokens, but the prompt has {n} and "
-                    f"{params.max_new_tokens} more were asked for; shorten the prompt or lower max_tokens",
-                    code="context_length_exceeded",
-                )
-            if not job.explicit_max_tokens:
-                params = params.model_copy(update={"max_new_tokens": min(params.max_new_tokens, room)})
-        backend = text.raw_backend() if raw else self.backend
-        return backend, request, raw, params
+        if self.max_context is None or (job.explicit_max_tokens and self.limit_context is None):
+            return params  # the backend checks its own context
+        ids = self.backend.prompt_token_ids(job.request)
+        if ids is None:
+            return params
+        n, room = len(ids), self.max_context - len(ids)
+        if room < (params.max_new_tokens if job.explicit_max_tokens else 1):
+            raise ApiError(
+                400, f"this model's context is {self.max_context} tokens, but the prompt has {n} and "
+                f"{params.max_new_tokens} more were asked for; shorten the prompt or lower max_tokens",
+                code="context_length_exceeded",
+            )
+        if not job.explicit_max_tokens:
+            params = params.model_copy(update={"max_new_tokens": min(params.max_new_tokens, room)})
+        return params
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        """Prepare each job, then run those that ended up with the same backend view and settings
-        (a conversation may need the raw view, a short context a smaller max_tokens) together."""
-        groups: dict[tuple[int, str], list[tuple[_Job, Backend, Request, bool, SamplingParams]]] = {}
+        """Fix each job's settings (a short context may lower max_tokens), then run the jobs that
+        ended up with the same settings together."""
+        groups: dict[str, list[tuple[_Job, SamplingParams]]] = {}
         for job in batch:
             try:
-                backend, request, raw, params = self._prepare(job)
+                params = self._params(job)
             except BaseException as exc:
-                self._deliver(job, self._as_api_error(exc))
+                self._deliver(job, as_api_error(exc))
                 continue
-            groups.setdefault((id(backend), params.model_dump_json()), []).append((job, backend, request, raw, params))
+            groups.setdefault(params.model_dump_json(), []).append((job, params))
         for group in groups.values():
-            self._run_group(group)
-
-    def _run_group(self, group: list[tuple[_Job, Backend, Request, bool, SamplingParams]]) -> None:
-        started = time.perf_counter()
-        try:
-            if group[0][0].echo or group[0][0].top:  # such jobs are never batched: a group of one
-                completions = [self._scored(*group[0])]
-            else:
-                backend, params = group[0][1], group[0][4]
-                results = backend.generate([request for _, _, request, _, _ in group], params)
-                completions = [self._plain(job, result) for (job, *_), result in zip(group, results)]
-        except BaseException as exc:
-            error = self._as_api_error(exc)
-            for job, *_ in group:
-                self._deliver(job, error)
-            return
-        for (job, *_), completion in zip(group, completions):
-            completion.queued_s = started - job.enqueued
-            self._deliver(job, completion)
-
-    def _plain(self, job: _Job, result: Result) -> Completion:
-        scores = None
-        if job.params.logprobs and result.logprobs is not None:
-            texts = self.text.token_texts(result.token_ids) if self.text else [""] * len(result.token_ids)
-            scores = [TokenScore(t, s, lp) for t, s, lp in zip(result.token_ids, texts, result.logprobs)]
-        return Completion(result, scores=scores)
-
-    def _scored(self, job: _Job, backend: Backend, request: Request, raw: bool, params: SamplingParams) -> Completion:
-        """Generation plus teacher-forced scores: echo's prompt log-probabilities, top alternatives."""
-        if self.text is None:
-            raise ApiError(400, f"the '{self.backend.name}' backend cannot report prompt or top log-probabilities")
-        result = None
-        if job.generate:
-            [result] = backend.generate([request], params)
-        prompt = job.prompt.text if isinstance(job.prompt.text, list) else request
-        generated = result.token_ids if result else []
-        prompt_ids, scores = self.text.score(prompt, raw, generated, job.top)
-        n = len(prompt_ids)
-        if not job.echo:
-            return Completion(result, scores=scores[n:] if params.logprobs else None)
-        return Completion(result, prompt_ids, self.text.decode(prompt_ids), scores[:n], scores[n:] if params.logprobs else None)
+            started = time.perf_counter()
+            try:
+                results = self.backend.generate([job.request for job, _ in group], group[0][1])
+            except BaseException as exc:
+                error = as_api_error(exc)
+                for job, _ in group:
+                    self._deliver(job, error)
+                continue
+            for (job, params), result in zip(group, results):
+                wanted = params.wants_logprobs or params.prompt_logprobs is not None
+                texts = self._texts(scored_ids(result)) if wanted else {}
+                self._deliver(job, Completion(result, started - job.enqueued, texts))
 
     def _run_stream(self, job: _Job) -> None:
         try:
-            backend, request, _, params = self._prepare(job)
-            events: Iterator[TokenEvent] = backend.stream(request, params)
+            params = self._params(job)
+            events: Iterator[TokenEvent] = self.backend.stream(job.request, params)
             try:
                 for event in events:
                     if job.cancelled:
                         log.info("client went away mid-stream: stopping its generation")
                         return
-                    token = None
-                    if event.token_id is not None:
-                        token = self.text.token_texts([event.token_id])[0] if self.text else event.text
-                    self._deliver(job, StreamItem(event, token))
+                    ids = [] if event.token_id is None or not params.wants_logprobs else [event.token_id] + [t for t, _ in event.top or []]
+                    self._deliver(job, StreamItem(event, self._texts(ids) if ids else {}))
             finally:
                 close = getattr(events, "close", None)
                 if close:
                     close()
         except BaseException as exc:
-            self._deliver(job, self._as_api_error(exc))
+            self._deliver(job, as_api_error(exc))

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
-from edgelmm.serve.engine import ApiError
+from edgelmm.serve.errors import ApiError
 from edgelmm.serve.schemas import Limits
 
 

@@ -3,10 +3,13 @@
 Fields that clients routinely send but that change nothing here (user, metadata, ...) are
 ignored, as OpenAI-compatible servers do; fields that would change the answer and that we do not
 implement (n > 1, tools, penalties, logit_bias, JSON mode) are refused, so that nobody gets a
-silently different result. Two extensions, both as in vLLM: `top_k`, and `return_token_ids`
-(the answer carries the generated token ids, which lets a client time and compare tokens).
-`images` on /v1/completions (data URLs, placed by the model's own image placeholder in the
-prompt) is ours: draft–verify decoding of a VLM must score tokens that follow an image.
+silently different result. Extensions, as in vLLM: `top_k`; `return_token_ids` (each choice
+carries its generated `token_ids` and the `prompt_token_ids` the model read);
+`return_tokens_as_token_ids` (log-probability entries name tokens as "token_id:N", so a client
+gets ids without the tokenizer); `prompt_logprobs` on chat (each prompt token's log-probability
+with the top k). `images` on /v1/completions (data URLs, placed by the model's own image
+placeholder in a text prompt, or already expanded in a token-id prompt) is ours: draft–verify
+decoding of a VLM scores tokens that follow an image.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Limits:
     max_context: int | None = None  # prompt + generated tokens; None: the model's own
     max_batch_size: int = 8
     max_queue: int = 256
+    max_prompts: int = 64  # prompts in one /v1/completions request
 
 
 class _Body(BaseModel):
@@ -72,25 +76,27 @@ class _Sampling(_Body):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    top_k: int = Field(0, ge=-1)  # -1 is "off" as in vLLM
+    seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
     return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
 
     @model_validator(mode="after")
     def _supported(self) -> _Sampling:
         if self.n != 1:
             raise ValueError("only n=1 is supported; send several requests instead")
-        if self.presence_penalty or self.frequency_penalty or self.logit_bias:
-            raise ValueError("presence_penalty, frequency_penalty and logit_bias are not supported")
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if self.presence_penalty or self.frequency_penalty or self.logit_bias or self.repetition_penalty != 1.0:
+            raise ValueError("presence_penalty, frequency_penalty, repetition_penalty and logit_bias are not supported")
+        if any(not s for s in self.stops):
+            raise ValueError("stop strings must not be empty")
         return self
 
     @property
@@ -108,6 +114,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -119,6 +126,8 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("only response_format {'type': 'text'} is supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs cannot be streamed")
         return self
 
     @property
@@ -127,23 +136,29 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     images: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> CompletionRequest:
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError("one prompt per request: send several requests instead of a list of prompts")
-            self.prompt = prompt[0]
-        if self.prompt in ("", []):
+    def _prompts(self) -> CompletionRequest:
+        prompts = self.prompts
+        if not prompts or any(p in ("", []) for p in prompts):
             raise ValueError("the prompt is empty")
+        if self.images and len(prompts) > 1:
+            raise ValueError("images go with a single prompt")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 only makes sense with echo (to score the prompt)")
-        if self.max_tokens == 0 and self.stream:
-            raise ValueError("max_tokens 0 cannot be streamed")
         return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one string or token-id list each."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]

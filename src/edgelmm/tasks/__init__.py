@@ -4,17 +4,16 @@
     >>> samples = task.samples(8, seed=0)
     >>> task.score("Red.", samples[0])
 
-A new task is a `Task` subclass decorated with `@register_task("name")`.
+A new task is a `Task` subclass, listed in `edgelmm.registry.TASKS` or registered with
+`@register_task("name")`.
 """
 
 from __future__ import annotations
 
-from edgelmm.tasks.base import TASK_MODULES, TASKS, Task, TaskSample, available_tasks, get_task, register_task
+from edgelmm.tasks.base import Task, TaskSample, available_tasks, get_task, register_task
 from edgelmm.tasks.scoring import choice_accuracy, exact_match, extract_choice, normalize_answer
 
 __all__ = [
-    "TASKS",
-    "TASK_MODULES",
     "Task",
     "TaskSample",
     "available_tasks",

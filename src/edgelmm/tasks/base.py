@@ -1,13 +1,12 @@
-"""The task interface and its registry by name.
+"""The task interface and its registry by name (`edgelmm.registry.TASKS`).
 
 As in lm-evaluation-harness, a task is a class registered under a name: a new task is one
-module with `@register_task("my-task")`, listed in `TASK_MODULES` (or imported by the user), and
-no central switch changes.
+module plus its line in the registry table, or `@register_task("my-task")` on a class of the
+user's own (in a plug-in module).
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 from edgelmm.config import TaskSpec
 from edgelmm.errors import EdgelmmError
-
-# Modules that register the built-in tasks; imported on first lookup.
-TASK_MODULES: list[str] = ["edgelmm.tasks.shapes", "edgelmm.tasks.files"]
+from edgelmm.registry import TASKS
 
 
 @dataclass
@@ -64,33 +61,23 @@ class Task(ABC):
         """The score of one output, in [0, 1]."""
 
 
-TASKS: dict[str, type[Task]] = {}
 T = TypeVar("T", bound=type[Task])
 
 
 def register_task(name: str) -> Callable[[T], T]:
     def wrap(cls: T) -> T:
         cls.name = name
-        TASKS[name] = cls
+        TASKS.register(name, cls)
         return cls
 
     return wrap
 
 
-def _ensure_loaded() -> None:
-    for module in TASK_MODULES:
-        importlib.import_module(module)
-
-
 def available_tasks() -> list[str]:
-    _ensure_loaded()
-    return sorted(TASKS)
+    return TASKS.names()
 
 
 def get_task(spec: TaskSpec | str) -> Task:
     """The task a config entry names, constructed (file tasks read and check their file here)."""
     spec = TaskSpec(name=spec) if isinstance(spec, str) else spec
-    _ensure_loaded()
-    if spec.name not in TASKS:
-        raise EdgelmmError(f"unknown task '{spec.name}'", f"available: {', '.join(sorted(TASKS))}")
-    return TASKS[spec.name](spec.path)
+    return TASKS.get(spec.name)(spec.path)

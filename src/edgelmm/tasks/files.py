@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from edgelmm.errors import EdgelmmError
-from edgelmm.tasks.base import Task, TaskSample, register_task
+from edgelmm.tasks.base import Task, TaskSample
 from edgelmm.tasks.scoring import choice_accuracy, exact_match
 from edgelmm.utils.io import read_jsonl_records
 
@@ -95,9 +95,10 @@ class _JsonlTask(Task):
             raise self._fail(number, f"cannot read image {image}: {exc}", "replace or remove the corrupt image") from None
 
 
-@register_task("vqa-jsonl")
 class VqaJsonl(_JsonlTask):
     """Open questions, scored by exact match after normalisation; the question is the prompt."""
+
+    name = "vqa-jsonl"
 
     def _sample(self, number: int, record: dict[str, Any]) -> TaskSample:
         return self._base(number, record, self._text(number, record, "question"), self._text(number, record, "answer"))
@@ -106,10 +107,11 @@ class VqaJsonl(_JsonlTask):
         return exact_match(output, sample.reference)
 
 
-@register_task("mc-jsonl")
 class McJsonl(_JsonlTask):
     """Multiple choice (MMLU / MMStar style): the prompt lists lettered options and asks for the
     letter; the score is whether the first option letter in the output is the answer."""
+
+    name = "mc-jsonl"
 
     def _options(self, number: int, record: dict[str, Any]) -> dict[str, str]:
         options = record.get("options")

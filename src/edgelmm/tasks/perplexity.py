@@ -25,6 +25,7 @@ from torch import nn
 
 from edgelmm.errors import EdgelmmError
 from edgelmm.models.base import ModelAdapter
+from edgelmm.request import Request
 
 
 @dataclass(frozen=True)
@@ -90,21 +91,6 @@ def read_text(path: str | Path, text_field: str = "text") -> str:
     return "\n\n".join(texts)
 
 
-def append_answer(inputs: dict[str, torch.Tensor], answer: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A one-prompt processor output with `answer` token ids [n] appended after the prompt.
-
-    Every per-token field (attention_mask, and e.g. Qwen-VL's mm_token_type_ids) grows with it:
-    the mask by ones, type fields by zeros (text).
-    """
-    length = inputs["input_ids"].shape[1]
-    out = dict(inputs)
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (1, length):
-            tail = answer if key == "input_ids" else torch.full_like(answer, 1 if key == "attention_mask" else 0)
-            out[key] = torch.cat([value[0], tail.to(value.dtype)])[None]
-    return out
-
-
 @torch.no_grad()
 def caption_perplexity(model: nn.Module, adapter: ModelAdapter, samples: Sequence[tuple[str, list[Any], str]]) -> Perplexity:
     """Perplexity of each reference answer after its (prompt, images), over all answer tokens."""
@@ -112,7 +98,7 @@ def caption_perplexity(model: nn.Module, adapter: ModelAdapter, samples: Sequenc
     total, count = 0.0, 0
     for prompt, images, reference in samples:
         target = adapter.tokenizer(reference, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        inputs = append_answer(adapter.build_inputs(prompt, images), target)
+        inputs = adapter.append_tokens(adapter.build_inputs(Request.chat(prompt, images)), target)
         inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()}
         logits = model(**inputs).logits[0, -target.numel() - 1 : -1]
         total += float(_nll(logits, target.to(device)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from edgelmm.demo import shapes
 from edgelmm.errors import EdgelmmError
-from edgelmm.tasks.base import Task, TaskSample, register_task
+from edgelmm.tasks.base import Task, TaskSample
 from edgelmm.tasks.scoring import exact_match
 
 
@@ -30,15 +30,15 @@ class _ShapesTask(Task):
         return exact_match(output, sample.reference)
 
 
-@register_task("shapes-vqa")
 class ShapesVQA(_ShapesTask):
     """Colour, shape, count, position and yes/no questions, balanced over the kinds."""
 
+    name = "shapes-vqa"
     world_task = "vqa"
 
 
-@register_task("shapes-caption")
 class ShapesCaption(_ShapesTask):
     """One canonical caption per picture; exact match needs every shape, in order."""
 
+    name = "shapes-caption"
     world_task = "caption"

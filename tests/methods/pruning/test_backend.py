@@ -19,14 +19,14 @@ def qwen_path(tmp_path_factory):
 
 def test_generate_batched_and_stream_agree_with_pruning(qwen_path):
     small, large = sample_images("qwen2_vl")
-    requests = [Request("What color is the circle?", [small]), Request("How many squares?", [large])]
+    requests = [Request.chat("What color is the circle?", [small]), Request.chat("How many squares?", [large])]
     engine = load(ModelSpec(path=str(qwen_path), device="cpu", methods=["fastv(k=1, keep=0.5)"]))
     try:
         results = engine.generate(requests, GREEDY)
         stats = pruning_of(engine.model).last
         assert stats.visual_tokens == [4, 8] and stats.kept_visual == [2, 4]
         for request, result in zip(requests, results):
-            assert result.counts.visual_tokens == len(request.images[0].getdata()) // 28**2
+            assert result.counts.visual_tokens == len(request.all_images()[0].getdata()) // 28**2
             [alone] = engine.generate([request], GREEDY)
             events = list(engine.stream(request, GREEDY))
             assert result.token_ids == alone.token_ids == events[-1].result.token_ids

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+from edgelmm.request import Request
+
 from edgelmm.errors import EdgelmmError
-from edgelmm.methods import apply_method
-from edgelmm.methods.pruning import FastV, Uniform, VisionZip, get_pruner, prune, pruning_of
+from edgelmm.methods import apply
+from edgelmm.methods.pruning import FastV, Uniform, VisionZip, prune, pruning_of
 from tests.methods.pruning.conftest import pruned
 from tests.tiny_models import sample_images
 
@@ -47,17 +49,17 @@ def test_text_only_model(tiny):
 def test_method_specs_reach_the_same_checks(tiny):
     model, _, adapter = tiny("llava")
     with pytest.raises(EdgelmmError, match="keep must be"):
-        apply_method("fastv(k=1, keep=2)", model, adapter)
-    with pytest.raises(EdgelmmError, match="bad arguments for method 'fastv\\(ratio=0.5\\)'"):
-        apply_method("fastv(ratio=0.5)", model, adapter)
-    with pytest.raises(EdgelmmError, match="unknown pruning method 'fastvv'.*available: divprune, fastv, random, uniform, visionzip"):
-        get_pruner("fastvv")
+        apply(model, adapter, "fastv(k=1, keep=2)")
+    with pytest.raises(EdgelmmError, match="method 'fastv': unknown setting.*ratio.*known: k, keep, tokens"):
+        apply(model, adapter, "fastv(ratio=0.5)")
+    with pytest.raises(EdgelmmError, match="unknown method 'fastvv'.*did you mean 'fastv'.*available: awq, divprune, fastv"):
+        apply(model, adapter, "fastvv")
 
 
 def test_one_pruning_at_a_time(tiny):
     model, _, adapter = tiny("llava")
     with pruned(model, adapter, Uniform(keep=0.5)):
-        with pytest.raises(EdgelmmError, match=r"already pruned by uniform\(k=0, keep=0.5\).*unprune"):
+        with pytest.raises(EdgelmmError, match=r"already pruned by uniform\(keep=0.5\).*unprune"):
             prune(model, adapter, FastV(k=1))
 
 
@@ -71,7 +73,7 @@ def test_cls_scoring_needs_a_cls_token(tiny):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_a_request_without_an_image_is_left_alone(tiny, family):
     model, _, adapter = tiny(family)
-    inputs = adapter.build_batch([("Hello! How can I help you today?", [])])
+    inputs = adapter.build_batch([Request.chat("Hello! How can I help you today?", [])])
     kwargs = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
                   pad_token_id=adapter.tokenizer.pad_token_id)
     with torch.inference_mode():
@@ -85,6 +87,6 @@ def test_a_request_without_an_image_is_left_alone(tiny, family):
 
 def test_caches_other_than_dynamic_are_refused(tiny):
     model, _, adapter = tiny("llava")
-    inputs = adapter.build_batch([("What color is the circle?", [sample_images("llava")[0]])])
+    inputs = adapter.build_batch([Request.chat("What color is the circle?", [sample_images("llava")[0]])])
     with pruned(model, adapter, Uniform(keep=0.5)), pytest.raises(EdgelmmError, match="works on transformers' DynamicCache only"):
         model.generate(**inputs, max_new_tokens=2, cache_implementation="static", pad_token_id=adapter.tokenizer.pad_token_id)

@@ -4,8 +4,13 @@ weight quantization in either order."""
 import pytest
 import torch
 
-from edgelmm.methods import METHODS, apply_method
-from edgelmm.methods.pruning import PRUNERS, Pruner, VisualTokens, pruning_of, register_pruner, unprune
+from dataclasses import dataclass
+from typing import ClassVar
+
+from edgelmm.methods import apply
+from edgelmm.methods.pruning import Pruner, VisualTokens, pruning_of, unprune
+from edgelmm.registry import METHODS
+from edgelmm.request import Request
 from tests.tiny_models import sample_images
 
 
@@ -13,27 +18,27 @@ from tests.tiny_models import sample_images
 def norm_method():
     """The docs' worked example: keep the visual tokens whose hidden states have the largest norm."""
 
-    @register_pruner
+    @dataclass(kw_only=True)
     class Norm(Pruner):
-        name = "norm"
+        name: ClassVar[str] = "norm"
 
         def score(self, visual: VisualTokens) -> torch.Tensor:
             return visual.hidden.norm(dim=-1)
 
+    METHODS.register("norm", Norm)
     yield Norm
-    PRUNERS.pop(Norm.name)
-    METHODS.pop(Norm.name)
+    METHODS._entries.pop("norm")
 
 
 def test_a_new_method_is_one_class_and_runs_by_spec(tiny, norm_method):
     model, _, adapter = tiny("qwen2_vl")
-    inputs = adapter.build_batch([("What color is the circle?", [sample_images("qwen2_vl")[1]])])
+    inputs = adapter.build_batch([Request.chat("What color is the circle?", [sample_images("qwen2_vl")[1]])])
     seen = []  # layer 1's input without pruning: what the method will score
     hook = adapter.language_layers()[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.inference_mode():
         model(**inputs)
     hook.remove()
-    apply_method("norm(k=1, keep=0.25)", model, adapter)
+    apply(model, adapter, "norm(k=1, keep=0.25)")
     try:
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=adapter.tokenizer.pad_token_id)
@@ -46,10 +51,9 @@ def test_a_new_method_is_one_class_and_runs_by_spec(tiny, norm_method):
     assert stats.kept_visual == [2] and kept[image[kept]].tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("order", [("fastv(k=1, keep=0.5)", "rtn(w_bit=4, group=32)"),
-                                   ("rtn(w_bit=4, group=32)", "fastv(k=1, keep=0.5)")])
+@pytest.mark.parametrize("order", [("fastv(k=1, keep=0.5)", "rtn(bits=4, group_size=32)"),
+                                   ("rtn(bits=4, group_size=32)", "fastv(k=1, keep=0.5)")])
 def test_pruning_composes_with_weight_quantization(order):
-    import edgelmm.methods.quantization  # noqa: F401  (registers rtn)
     from edgelmm.methods.quantization import QuantLinear
     from edgelmm.models.registry import get_adapter
     from tests.tiny_models import make_tiny
@@ -57,8 +61,8 @@ def test_pruning_composes_with_weight_quantization(order):
     model, processor = make_tiny("qwen2_vl")
     adapter = get_adapter(model, processor)
     for spec in order:
-        model = apply_method(spec, model, adapter)
-    inputs = adapter.build_batch([("What color is the circle?", [sample_images("qwen2_vl")[1]])])
+        model = apply(model, adapter, spec)
+    inputs = adapter.build_batch([Request.chat("What color is the circle?", [sample_images("qwen2_vl")[1]])])
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                              pad_token_id=adapter.tokenizer.pad_token_id)

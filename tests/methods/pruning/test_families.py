@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from edgelmm.methods.pruning import DivPrune, FastV, RandomTokens, Uniform, VisionZip, pruning_of
+from edgelmm.request import Request
 from tests.methods.pruning.conftest import pruned
 from tests.tiny_models import VLM_FAMILIES, sample_images
 
@@ -30,7 +31,7 @@ def batch(adapter, family, sizes=(0, 0)):
     """Two prompts of different lengths (left padding), with sample_images(family)[size] each."""
     images = sample_images(family)
     prompts = ("What color is the circle?", "How many squares?")
-    return adapter.build_batch([(p, [images[s]]) for p, s in zip(prompts, sizes)])
+    return adapter.build_batch([Request.chat(p, [images[s]]) for p, s in zip(prompts, sizes)])
 
 
 def generate(model, adapter, inputs):
@@ -140,14 +141,14 @@ def test_a_batch_gives_each_row_what_it_gets_alone(tiny, family, method):
 def rows_of(adapter, family, sizes):
     images = sample_images(family)
     prompts = ("What color is the circle?", "How many squares?")
-    return [adapter.build_batch([(p, [images[s]])]) for p, s in zip(prompts, sizes)]
+    return [adapter.build_batch([Request.chat(p, [images[s]])]) for p, s in zip(prompts, sizes)]
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
 def test_a_hand_written_decode_loop_without_positions_continues_the_original_ones(tiny, family):
     """Without generate's positions, the hooks continue the prefill's own (3-D for M-RoPE)."""
     model, _, adapter = tiny(family)
-    inputs = adapter.build_batch([("What color is the circle?", [sample_images(family)[0]])])
+    inputs = adapter.build_batch([Request.chat("What color is the circle?", [sample_images(family)[0]])])
     with pruned(model, adapter, FastV(k=1, keep=0.5)):
         reference = generate(model, adapter, inputs)
         with torch.inference_mode():

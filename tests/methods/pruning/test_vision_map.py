@@ -7,6 +7,7 @@ per visual token, the patches it was built from."""
 
 import pytest
 import torch
+from edgelmm.request import Request
 
 from tests.tiny_models import make_image, sample_images
 
@@ -24,7 +25,7 @@ def test_qwen_patches_feed_the_tokens_the_adapter_names(tiny, family, size):
     """Qwen2.5-VL at 224 px: 8x8 merged patches in 16 windows, so its window order matters."""
     model, _, adapter = tiny(family)
     images = [make_image(size, size, seed=3)] if size else list(sample_images(family))
-    inputs = adapter.build_batch([("What color is the circle?", images)])
+    inputs = adapter.build_batch([Request.chat("What color is the circle?", images)])
     visual = adapter.vision_tower()
     unit = visual.spatial_merge_size**2
     n_patches = inputs["pixel_values"].shape[0]
@@ -46,7 +47,7 @@ def test_qwen_patches_feed_the_tokens_the_adapter_names(tiny, family, size):
 
 def test_internvl_patches_feed_the_tokens_the_adapter_names(tiny):
     model, _, adapter = tiny("internvl")
-    inputs = adapter.build_batch([("What color is the circle?", [sample_images("internvl")[1]])])  # 2 tiles + thumbnail
+    inputs = adapter.build_batch([Request.chat("What color is the circle?", [sample_images("internvl")[1]])])  # 2 tiles + thumbnail
     tower, projector = adapter.vision_tower(), adapter.projector()
     tiles = inputs["pixel_values"].shape[0]
 

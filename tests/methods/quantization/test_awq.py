@@ -14,7 +14,7 @@ from edgelmm.models.registry import get_adapter
 from tests.methods.quantization.conftest import outlier_channels
 from tests.tiny_models import make_tokenizer, text_config
 
-CALIBRATION = CalibrationConfig(num_samples=4, max_seq_len=32, batch_size=2)
+CALIBRATION = CalibrationConfig(source="shapes", num_samples=4, max_seq_len=32, batch_size=2)
 
 
 def groups_of(model, adapter) -> list[tuple[list[str], tuple[str, str, float] | None]]:
@@ -58,7 +58,7 @@ def test_value_projection_folds_into_output_projection_without_gqa() -> None:
 def test_scaling_alone_leaves_the_float_model_unchanged(fresh, family: str) -> None:
     model, _, adapter = fresh(family)
     outlier_channels(adapter)
-    ids = calibration_batches(adapter.tokenizer, CalibrationConfig(num_samples=1, max_seq_len=24, seed=7))[0].input_ids
+    ids = calibration_batches(adapter.tokenizer, CalibrationConfig(source="shapes", num_samples=1, max_seq_len=24, seed=7))[0].input_ids
     with torch.no_grad():
         before = model(input_ids=ids).logits
         config = AWQConfig(group_size=32, clip=False)
@@ -73,15 +73,15 @@ def test_scaling_alone_leaves_the_float_model_unchanged(fresh, family: str) -> N
 def test_awq_beats_round_to_nearest_on_outlier_activations(fresh, family: str) -> None:
     model, _, adapter = fresh(family)
     outlier_channels(adapter)
-    ids = calibration_batches(adapter.tokenizer, CalibrationConfig(num_samples=2, max_seq_len=48, seed=9))[0].input_ids
+    ids = calibration_batches(adapter.tokenizer, CalibrationConfig(source="shapes", num_samples=2, max_seq_len=48, seed=9))[0].input_ids
     with torch.no_grad():
         reference = model(input_ids=ids).logits
         errors = {}
         for config in (RTNConfig(group_size=32), AWQConfig(group_size=32)):
             copy_ = copy.deepcopy(model)
             copy_adapter = get_adapter(copy_, adapter.processor)
-            quantize(copy_, copy_adapter, config, CALIBRATION if config.method == "awq" else None, progress=False)
-            errors[config.method] = float((copy_(input_ids=ids).logits - reference).norm() / reference.norm())
+            quantize(copy_, copy_adapter, config, CALIBRATION if config.name == "awq" else None, progress=False)
+            errors[config.name] = float((copy_(input_ids=ids).logits - reference).norm() / reference.norm())
     assert errors["awq"] < 0.75 * errors["rtn"]
 
 

@@ -19,10 +19,10 @@ def tokenizer():
 
 
 def test_shapes_captions_concatenate_into_exact_blocks(tokenizer) -> None:
-    batches = calibration_batches(tokenizer, CalibrationConfig(num_samples=5, max_seq_len=40, batch_size=2))
+    batches = calibration_batches(tokenizer, CalibrationConfig(source="shapes", num_samples=5, max_seq_len=40, batch_size=2))
     assert [b.input_ids.shape for b in batches] == [(2, 40), (2, 40), (1, 40)]
     assert all(b.attention_mask.all() for b in batches)
-    text = next(calibration_texts(CalibrationConfig()))
+    text = next(calibration_texts(CalibrationConfig(source="shapes")))
     assert " at the " in text and text.endswith(".")  # a shapes-world caption
 
 
@@ -56,7 +56,7 @@ def test_bad_sources_are_clear(tokenizer, tmp_path: Path) -> None:
     with pytest.raises(EdgelmmError, match=r"bad\.jsonl:2: no string field 'text'"):
         calibration_batches(tokenizer, CalibrationConfig(source=str(bad)))
     with pytest.raises(EdgelmmError, match="max_seq_len must be at least 1"):
-        CalibrationConfig(max_seq_len=0)
+        CalibrationConfig(source="shapes", max_seq_len=0)
 
 
 def test_datasets_folder_on_disk(tokenizer, tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from edgelmm.request import Request
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.utils.quantization_config import CompressedTensorsConfig
@@ -25,7 +27,7 @@ from tests.tiny_models import FAMILIES, sample_images, save_tiny
 def inputs_for(adapter) -> dict[str, torch.Tensor]:
     """A prompt with an image for a VLM (so the 16-bit vision side is exercised too), text otherwise."""
     images = [sample_images(adapter.config.model_type)[0]] if adapter.multimodal else []
-    return adapter.build_inputs("What color is the circle?", images)
+    return adapter.build_inputs(Request.chat("What color is the circle?", images))
 
 
 def logits(model, inputs) -> torch.Tensor:

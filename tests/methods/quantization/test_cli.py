@@ -18,7 +18,7 @@ def source(tmp_path: Path) -> Path:
 
 def test_quantize_convert_and_compare(source: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "awq"
-    args = ["quantize", str(source), "--method", "awq", "--group-size", "32", "--calib-samples", "2", "--calib-seq-len", "32", "--out", str(out)]
+    args = ["quantize", str(source), "--method", "awq", "--group-size", "32", "--calibration", "shapes", "--num-samples", "2", "--max-seq-len", "32", "--out", str(out)]
     assert main(args) == 0
     assert "awq w4 g32 asym: 14 linear layers" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
@@ -27,13 +27,13 @@ def test_quantize_convert_and_compare(source: Path, tmp_path: Path, capsys) -> N
     assert main(["convert", str(out), "--out", str(tmp_path / "autoawq")]) == 0
     capsys.readouterr()
     report = tmp_path / "report"
-    args = ["quant-eval", str(source), str(out), str(tmp_path / "autoawq"), "--method", "rtn(w_bit=4, group=32)",
+    args = ["quant-eval", str(source), str(out), str(tmp_path / "autoawq"), "--method", "rtn(bits=4, group_size=32)",
             "--samples", "2", "--ppl-samples", "2", "--text-ppl-samples", "20", "--out", str(report)]
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert "float" in table and "awq" in table and "float + rtn(w_bit=4, group=32)" in table
+    assert "float" in table and "awq" in table and "float + rtn(bits=4, group_size=32)" in table
     rows = json.loads((report / "results.json").read_text())
-    assert [r["variant"] for r in rows] == ["float", "awq", "autoawq", "float + rtn(w_bit=4, group=32)"]
+    assert [r["variant"] for r in rows] == ["float", "awq", "autoawq", "float + rtn(bits=4, group_size=32)"]
     assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
     assert all(r["caption_perplexity"] > 0 and r["text_perplexity"] > 1 for r in rows)
     for key in ("caption_perplexity", "text_perplexity"):  # same weights, two layouts
@@ -73,9 +73,10 @@ def test_quant_eval_caption_perplexity_is_not_a_file(source: Path, tmp_path: Pat
     [
         (["--bits", "3"], "unsupported weight bits: 3"),
         (["--method", "rtn", "--group-size", "48"], "group size 48 does not divide layer 'model.language_model.layers.0.self_attn.q_proj'"),
-        (["--method", "rtn", "--calib", "shapes"], "--calib is for --method awq"),
-        (["--calib", "missing.txt"], "calibration source not found: missing.txt"),
-        (["--calib", "{tmp}/empty.txt"], "calibration set is empty"),
+        (["--method", "rtn", "--calibration", "shapes"], "--calibration is for --method awq"),
+        (["--calibration", "missing.txt"], "calibration source not found: missing.txt"),
+        (["--calibration", "{tmp}/empty.txt"], "calibration set is empty"),
+        ([], "AWQ needs calibration data"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(source: Path, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
@@ -109,5 +110,5 @@ def test_backends_load_quantized_checkpoints_on_packed_kernels(source: Path, tmp
         out = tmp_path / "awq"
     with load(str(out), device="cpu") as backend:
         assert any(isinstance(m, QuantLinear) for m in backend.model.modules())
-        [result] = backend.generate([Request("What color?", images=[make_image()])], SamplingParams(max_new_tokens=3))
+        [result] = backend.generate([Request.chat("What color?", images=[make_image()])], SamplingParams(max_new_tokens=3))
     assert result.counts.generated_tokens >= 1

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from edgelmm.errors import EdgelmmError
-from edgelmm.methods import apply_method
-from edgelmm.methods.quantization import AWQConfig, QuantLinear, RTNConfig, make_config, quantize, weight_bytes
+from edgelmm.methods import apply, parse_method
+from edgelmm.methods.quantization import AWQConfig, QuantLinear, RTNConfig, quantize, weight_bytes
 
 
 def test_only_the_language_layers_are_quantized(fresh) -> None:
@@ -49,8 +49,10 @@ def test_bad_settings_are_refused_before_any_change(fresh) -> None:
         RTNConfig(group_size=12)
     with pytest.raises(EdgelmmError, match="unknown module"):
         RTNConfig(extra=("embeddings",))
-    with pytest.raises(EdgelmmError, match="unknown awq setting"):
-        make_config("awq", alpha=0.5)
+    with pytest.raises(EdgelmmError, match="method 'awq': unknown setting.*alpha"):
+        parse_method("awq(alpha=0.5)")
+    with pytest.raises(EdgelmmError, match="unknown setting.*w_bit.*did you mean 'bits'"):
+        parse_method("rtn(w_bit=4)")
     model, _, adapter = fresh("qwen2")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(EdgelmmError, match=r"group size 256 does not divide layer 'model\.layers\.0\.self_attn\.q_proj' \(64 input"):
@@ -60,15 +62,20 @@ def test_bad_settings_are_refused_before_any_change(fresh) -> None:
         quantize(model, adapter, RTNConfig(group_size=32), calibration=[], progress=False)
     with pytest.raises(EdgelmmError, match="calibration set is empty"):
         quantize(model, adapter, AWQConfig(group_size=32), calibration=[], progress=False)
+    with pytest.raises(EdgelmmError, match="AWQ needs calibration data"):
+        quantize(model, adapter, AWQConfig(group_size=32), progress=False)
 
 
 def test_methods_are_registered_for_model_specs(fresh) -> None:
     model, _, adapter = fresh("qwen2")
-    model = apply_method("rtn(w_bit=8, group=32)", model, adapter)
+    model = apply(model, adapter, "rtn(bits=8, group_size=32)")
     layer = model.model.layers[0].mlp.down_proj
     assert isinstance(layer, QuantLinear) and layer.bits == 8 and layer.group_size == 32
     model, _, adapter = fresh("qwen2")
-    model = apply_method("awq(w_bit=4, group=32, samples=2, seq_len=32, grid=4, clip_grid=4)", model, adapter)
+    spec = "awq(bits=4, group_size=32, grid=4, clip_grid=4, calibration={'source': 'shapes', 'num_samples': 2, 'max_seq_len': 32})"
+    method = parse_method(spec)
+    assert method.calibration.num_samples == 2 and parse_method(str(method)) == method  # the spec round-trips
+    model = apply(model, adapter, method)
     assert isinstance(model.model.layers[1].self_attn.q_proj, QuantLinear)
-    with pytest.raises(EdgelmmError, match="unknown awq setting"):
-        apply_method("awq(w_bit=4, gird=4)", model, adapter)
+    with pytest.raises(EdgelmmError, match="unknown setting.*gird.*did you mean 'grid'"):
+        apply(model, adapter, "awq(bits=4, gird=4)")

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from edgelmm.errors import EdgelmmError
+from edgelmm.methods.base import Method
 
 
 @dataclass
@@ -48,26 +49,30 @@ class Selection:
     merge_into: torch.Tensor | None = None
 
 
-class Pruner:
+@dataclass(kw_only=True)
+class Pruner(Method):
     """A visual-token pruning method: how many tokens to keep, where, and which.
 
-    keep: share of each request's visual tokens to keep, in (0, 1]; or tokens: how many to keep.
-    k: the decoder layer before which tokens are dropped; 0 prunes the language model's input.
-    Subclasses set `name`, the scores they need (`uses_lm_attention`: attention of the last
-    prompt token at layer k-1; `uses_vision_attention`: the vision encoder's), and implement
-    `score` (the top-scored tokens are kept) or `select`.
+    keep: share of each request's visual tokens to keep, in (0, 1]; or tokens: how many to keep
+    (neither: keep half). k: the decoder layer before which tokens are dropped; 0 prunes the
+    language model's input. Subclasses set `name`, the scores they need (`uses_lm_attention`:
+    attention of the last prompt token at layer k-1; `uses_vision_attention`: the vision
+    encoder's), and implement `score` (the top-scored tokens are kept) or `select`.
     """
 
     name: ClassVar[str] = "pruner"
+    runner: ClassVar[str] = "edgelmm.methods.pruning.runtime:prune"
     uses_lm_attention: ClassVar[bool] = False
     uses_vision_attention: ClassVar[bool] = False
-    proportional: bool = False  # merged tokens weigh in attention as the tokens they stand for
 
-    def __init__(self, *, keep: float | None = None, tokens: int | None = None, k: int = 0):
+    k: int = 0
+    keep: float | None = None
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        keep, tokens, k = self.keep, self.tokens, self.k
         if keep is not None and tokens is not None:
             raise self.error(f"keep={keep} and tokens={tokens} both given", "give the share to keep or the count, not both")
-        if tokens is None and keep is None:
-            keep = 0.5
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1):
             raise self.error(
                 f"keep must be a share of the visual tokens in (0, 1], got {keep!r}", "e.g. keep=0.25 keeps a quarter"
@@ -76,9 +81,18 @@ class Pruner:
             raise self.error(f"tokens must be a whole number of visual tokens >= 1, got {tokens!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise self.error(f"k must be a decoder-layer index >= 0, got {k!r}")
-        self.keep = float(keep) if keep is not None else None
-        self.tokens = tokens
-        self.k = k
+        if keep is not None:
+            self.keep = float(keep)
+
+    @property
+    def proportional_attention(self) -> bool:
+        """Whether merged tokens weigh in attention as the tokens they stand for (ToMe)."""
+        return False
+
+    @property
+    def share(self) -> float:
+        """The share of visual tokens kept when no count is given (half by default)."""
+        return 0.5 if self.keep is None else self.keep
 
     # ------------------------------------------------------------ what a method defines
     def score(self, visual: VisualTokens) -> torch.Tensor:
@@ -99,7 +113,7 @@ class Pruner:
         """How many of a request's `n` visual tokens stay: the share, rounded half up, at least one."""
         if self.tokens is not None:
             return min(self.tokens, n)
-        return min(n, max(1, math.floor(self.keep * n + 0.5)))
+        return min(n, max(1, math.floor(self.share * n + 0.5)))
 
     def check_model(self, n_layers: int) -> None:
         """Errors that need the model: the layer index against the decoder depth."""
@@ -116,11 +130,3 @@ class Pruner:
 
     def error(self, what: str, hint: str | None = None) -> EdgelmmError:
         return EdgelmmError(f"pruning method '{self.name}': {what}", hint)
-
-    def params(self) -> dict[str, Any]:
-        """The arguments that recreate this pruner (its method spec)."""
-        share = {"tokens": self.tokens} if self.tokens is not None else {"keep": self.keep}
-        return {"k": self.k, **share}
-
-    def __repr__(self) -> str:
-        return f"{self.name}({', '.join(f'{key}={value!r}' for key, value in self.params().items())})"

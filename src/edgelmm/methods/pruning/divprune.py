@@ -12,12 +12,12 @@ method is `merge=False, k=0` (the projected image features, before the language 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from edgelmm.methods.pruning.base import Pruner, Selection, VisualTokens
-from edgelmm.methods.pruning.registry import register_pruner
 
 
 def farthest_points(features: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -36,16 +36,20 @@ def farthest_points(features: torch.Tensor, n_keep: int) -> torch.Tensor:
     return chosen
 
 
-@register_pruner
+@dataclass(kw_only=True)
 class DivPrune(Pruner):
-    name = "divprune"
+    name: ClassVar[str] = "divprune"
 
-    def __init__(self, *, keep: float | None = None, tokens: int | None = None, k: int = 0, merge: bool = False):
-        super().__init__(keep=keep, tokens=tokens, k=k)
-        if not isinstance(merge, bool):
-            raise self.error(f"merge must be True or False, got {merge!r}")
-        self.merge = merge
-        self.proportional = merge
+    merge: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.merge, bool):
+            raise self.error(f"merge must be True or False, got {self.merge!r}")
+
+    @property
+    def proportional_attention(self) -> bool:
+        return self.merge
 
     def select(self, visual: VisualTokens, n_keep: int) -> Selection:
         features = torch.nn.functional.normalize(visual.hidden.float(), dim=-1)
@@ -57,6 +61,3 @@ class DivPrune(Pruner):
         merge_into = (features @ features[keep].T).argmax(dim=1)  # nearest kept token, by cosine
         merge_into[keep] = torch.arange(n_keep, device=keep.device)  # a kept token is its own
         return Selection(keep, merge_into)
-
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "merge": self.merge}

@@ -7,19 +7,21 @@ by a probe in that layer's attention while its kernel stays SDPA or flash.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from edgelmm.methods.pruning.base import Pruner, VisualTokens
-from edgelmm.methods.pruning.registry import register_pruner
 
 
-@register_pruner
+@dataclass(kw_only=True)
 class FastV(Pruner):
-    name = "fastv"
-    uses_lm_attention = True
+    name: ClassVar[str] = "fastv"
+    uses_lm_attention: ClassVar[bool] = True
+    shown: ClassVar[tuple[str, ...]] = ("k",)
 
-    def __init__(self, *, k: int = 2, keep: float | None = None, tokens: int | None = None):
-        super().__init__(keep=keep, tokens=tokens, k=k)
+    k: int = 2
 
     def score(self, visual: VisualTokens) -> torch.Tensor:
         return visual.lm_attention

@@ -6,23 +6,26 @@ still get different subsets.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 
 from edgelmm.methods.pruning.base import Pruner, VisualTokens
-from edgelmm.methods.pruning.registry import register_pruner
 
 
-@register_pruner
+@dataclass(kw_only=True)
 class RandomTokens(Pruner):
-    name = "random"
+    name: ClassVar[str] = "random"
 
-    def __init__(self, *, keep: float | None = None, tokens: int | None = None, k: int = 0, seed: int = 0):
-        super().__init__(keep=keep, tokens=tokens, k=k)
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise self.error(f"seed must be a whole number >= 0, got {self.seed!r}")
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def score(self, visual: VisualTokens) -> torch.Tensor:
         return torch.rand(len(visual), generator=self.generator)
-
-    def params(self) -> dict:
-        return {**super().params(), "seed": self.seed}

@@ -147,7 +147,7 @@ class Pruning:
             raise pruner.error(
                 f"attention implementation '{implementation}' is not supported", "load with sdpa, eager or flash attention"
             )
-        if pruner.proportional and "flash" in implementation:
+        if pruner.proportional_attention and "flash" in implementation:
             raise pruner.error("proportional attention needs an additive mask, which flash attention takes none of",
                                "load with sdpa or eager attention, or set proportional=False")
         tower = vision = None
@@ -296,7 +296,7 @@ class Pruning:
                 row=row,
             )
             selections.append(self._select(visual))
-        cut = _plan(image, selections, self.pruner.proportional)
+        cut = _plan(image, selections, self.pruner.proportional_attention)
         request.cut = cut
         request.dtype = hidden.dtype
         width = hidden.shape[-1]
@@ -512,7 +512,7 @@ def prune(model: nn.Module, adapter: ModelAdapter, pruner: Pruner) -> nn.Module:
     """
     if getattr(model, _ATTRIBUTE, None) is not None:
         current = getattr(model, _ATTRIBUTE).pruner
-        raise pruner.error(f"the model is already pruned by {current!r}", "unprune(model) first")
+        raise pruner.error(f"the model is already pruned by {current}", "unprune(model) first")
     setattr(model, _ATTRIBUTE, Pruning(model, adapter, pruner))
     return model
 

@@ -3,15 +3,17 @@ in the raster order the model reads them (several images share the budget by the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from edgelmm.methods.pruning.base import Pruner, VisualTokens
-from edgelmm.methods.pruning.registry import register_pruner
 
 
-@register_pruner
+@dataclass(kw_only=True)
 class Uniform(Pruner):
-    name = "uniform"
+    name: ClassVar[str] = "uniform"
 
     def select(self, visual: VisualTokens, n_keep: int) -> torch.Tensor:
         """The middle token of each of `n_keep` equal stretches."""

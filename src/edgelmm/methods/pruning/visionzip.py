@@ -13,33 +13,40 @@ stands for, as in ToMe.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
 from edgelmm.methods.pruning.base import Pruner, Selection, VisualTokens
-from edgelmm.methods.pruning.registry import register_pruner
 
 QUERIES = {"auto", "cls", "all"}
 
 
-@register_pruner
+@dataclass(kw_only=True)
 class VisionZip(Pruner):
-    name = "visionzip"
-    uses_vision_attention = True
+    name: ClassVar[str] = "visionzip"
+    uses_vision_attention: ClassVar[bool] = True
 
-    def __init__(self, *, keep: float | None = None, tokens: int | None = None, context: float = 0.15, by: str = "auto",
-                 proportional: bool = False):
-        super().__init__(keep=keep, tokens=tokens, k=0)
+    k: int = field(default=0, init=False)  # VisionZip selects before the language model
+    context: float = 0.15
+    by: str = "auto"
+    proportional: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        context = self.context
         if isinstance(context, bool) or not isinstance(context, int | float) or not 0 <= context < 1:
             raise self.error(f"context must be the share of kept tokens that are merged tokens, in [0, 1), got {context!r}")
-        if by not in QUERIES:
-            raise self.error(f"by must be one of {', '.join(sorted(QUERIES))}, got {by!r}")
-        if not isinstance(proportional, bool):
-            raise self.error(f"proportional must be True or False, got {proportional!r}")
+        if self.by not in QUERIES:
+            raise self.error(f"by must be one of {', '.join(sorted(QUERIES))}, got {self.by!r}")
+        if not isinstance(self.proportional, bool):
+            raise self.error(f"proportional must be True or False, got {self.proportional!r}")
         self.context = float(context)
-        self.by = by
-        self.proportional = proportional
+
+    @property
+    def proportional_attention(self) -> bool:
+        return self.proportional
 
     def vision_queries(self, adapter: Any) -> str:
         if self.by == "cls" and not adapter.vision_cls_token:
@@ -63,7 +70,3 @@ class VisionZip(Pruner):
         merge_into[rest] = nearest + dominant.numel()  # entries of keep: dominant first, then targets
         merge_into[targets] = torch.arange(n_context, device=rest.device) + dominant.numel()  # a target is its own
         return Selection(torch.cat([dominant, targets]), merge_into)
-
-    def params(self) -> dict[str, Any]:
-        share = {"tokens": self.tokens} if self.tokens is not None else {"keep": self.keep}
-        return {**share, "context": self.context, "by": self.by, "proportional": self.proportional}

@@ -1,19 +1,16 @@
 """Calibration data: text from a source, tokenized and cut into the batches AWQ runs.
 
-Sources (see `CalibrationConfig.source`): the shapes world's captions (built in, drawn from
-training seeds so they never overlap evaluation pictures), a local .txt file (one text per
-paragraph) or .jsonl file (one object per line, text under `text_field`), a folder written by
-`datasets.save_to_disk`, or `hf:NAME[:SPLIT]`, a Hugging Face dataset found in the local cache
-with `local_files_only=True`: nothing is ever downloaded.
-
-For a VLM, `shapes-images` calibrates on what its language model reads in deployment: shapes-world
-questions and captions with their pictures, through the model's own processor and chat template,
-the reference answer appended, so image tokens are among the activations AWQ scales for.
+Sources (see `CalibrationConfig.source`): a local .txt file (one text per paragraph) or .jsonl
+file (one object per line, text under `text_field`), a folder written by
+`datasets.save_to_disk`, `hf:NAME[:SPLIT]`, a Hugging Face dataset found in the local cache with
+`local_files_only=True` (nothing is ever downloaded), or a named source registered in
+`edgelmm.registry.CALIBRATION_SOURCES`: a function of (config, adapter) that returns texts or
+ready `CalibrationBatch`es (the bundled demo registers "shapes" and "shapes-images", its world's
+captions and its VLM chats with pictures).
 """
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,9 +22,8 @@ import torch
 from edgelmm.errors import EdgelmmError, MissingExtraError
 from edgelmm.methods.quantization.config import CalibrationConfig
 from edgelmm.models.base import ModelAdapter
+from edgelmm.registry import CALIBRATION_SOURCES
 from edgelmm.utils.io import read_jsonl_records
-
-IMAGE_SOURCE = "shapes-images"
 
 
 @dataclass
@@ -45,14 +41,6 @@ class CalibrationBatch:
 
 
 # ---------------------------------------------------------------- sources
-
-
-def _shapes_texts(seed: int) -> Iterator[str]:
-    """An endless stream of captions from training seeds (the evaluation seeds stay unseen)."""
-    from edgelmm.demo import shapes
-
-    for stream in itertools.count(shapes.TRAIN_SEED_BASE + 7_000_000 + seed * 100_000):
-        yield from (sample.answer for sample in shapes.generate(64, stream, task="caption"))
 
 
 def _file_texts(path: Path, text_field: str) -> list[str]:
@@ -97,11 +85,18 @@ def _dataset_texts(source: str, text_field: str) -> list[str]:
     return [t for t in data[text_field] if isinstance(t, str) and t.strip()]
 
 
-def calibration_texts(config: CalibrationConfig) -> Iterator[str]:
+def _named(config: CalibrationConfig, adapter: ModelAdapter | None) -> Iterator[str] | list[CalibrationBatch]:
+    return CALIBRATION_SOURCES.get(config.source)(config, adapter)
+
+
+def calibration_texts(config: CalibrationConfig, adapter: ModelAdapter | None = None) -> Iterator[str]:
     """The source's texts; finite sources are shuffled with the config's seed, as AutoAWQ does."""
     source = config.source
-    if source == "shapes":
-        return _shapes_texts(config.seed)
+    if source in CALIBRATION_SOURCES:
+        texts = _named(config, adapter)
+        if isinstance(texts, list) and texts and isinstance(texts[0], CalibrationBatch):
+            raise EdgelmmError(f"calibration source '{source}' gives model inputs, not text")
+        return iter(texts)
     path = Path(source).expanduser()
     if source.startswith("hf:"):
         texts = _dataset_texts(source, config.text_field)
@@ -112,7 +107,8 @@ def calibration_texts(config: CalibrationConfig) -> Iterator[str]:
     else:
         raise EdgelmmError(
             f"calibration source not found: {source}",
-            "use 'shapes', a .txt / .jsonl file, a datasets folder, or hf:NAME[:SPLIT] of a cached dataset",
+            f"use a .txt / .jsonl file, a datasets folder, hf:NAME[:SPLIT] of a cached dataset, "
+            f"or one of {', '.join(CALIBRATION_SOURCES.names())}",
         )
     random.Random(config.seed).shuffle(texts)
     return iter(texts)
@@ -121,13 +117,13 @@ def calibration_texts(config: CalibrationConfig) -> Iterator[str]:
 # ---------------------------------------------------------------- tokenization
 
 
-def calibration_batches(tokenizer: Any, config: CalibrationConfig) -> list[CalibrationBatch]:
+def calibration_batches(tokenizer: Any, config: CalibrationConfig, adapter: ModelAdapter | None = None) -> list[CalibrationBatch]:
     """Tokenize the source's texts into batches of `config.batch_size` samples.
 
     Raises a clear error when the source yields no token at all (an empty file, say).
     """
     eos = tokenizer.eos_token_id
-    texts = calibration_texts(config)
+    texts = calibration_texts(config, adapter)
     if config.concat:
         samples = _blocks(tokenizer, texts, config, eos)
     else:
@@ -171,32 +167,20 @@ def _batch(samples: list[list[int]], length: int, tokenizer: Any) -> Calibration
     return CalibrationBatch(ids, mask)
 
 
-def image_calibration_batches(adapter: ModelAdapter, config: CalibrationConfig) -> list[CalibrationBatch]:
-    """`num_samples` shapes-world conversations (half questions, half captions), one per batch.
-
-    Each is the chat prompt with its picture followed by the reference answer and EOS; nothing is
-    truncated, since cutting into an image's tokens would break the model's input.
-    """
-    from edgelmm.demo import shapes
-    from edgelmm.tasks.perplexity import append_answer
-
-    if not adapter.multimodal:
-        raise EdgelmmError(f"'{IMAGE_SOURCE}' calibration needs a vision-language model", "use 'shapes' (captions as text)")
-    seed = shapes.TRAIN_SEED_BASE + 8_000_000 + config.seed * 100_000
-    half = config.num_samples // 2
-    samples = shapes.generate(config.num_samples - half, seed, task="vqa") + shapes.generate(half, seed + 1, task="caption")
-    eos = [adapter.tokenizer.eos_token_id] if adapter.tokenizer.eos_token_id is not None else []
-    batches = []
-    for sample in samples:
-        answer = torch.tensor(adapter.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + eos)
-        inputs = append_answer(adapter.build_inputs(sample.question, [sample.image]), answer)
-        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        batches.append(CalibrationBatch(ids, mask, inputs))
-    return batches
-
-
 def calibration_data(adapter: ModelAdapter, config: CalibrationConfig) -> list[CalibrationBatch]:
-    """The batches for `config.source`: image conversations or text through the tokenizer."""
-    if config.source == IMAGE_SOURCE:
-        return image_calibration_batches(adapter, config)
-    return calibration_batches(adapter.tokenizer, config)
+    """The batches for `config.source`: a named source's own batches, or text through the tokenizer."""
+    if config.source in CALIBRATION_SOURCES:
+        batches = _named(config, adapter)
+        if isinstance(batches, list) and batches and isinstance(batches[0], CalibrationBatch):
+            return batches
+    return calibration_batches(adapter.tokenizer, config, adapter)
+
+
+def prompt_batch(adapter: ModelAdapter, request: Any, answer: str) -> CalibrationBatch:
+    """One calibration sample from a request and its reference answer: the model's own inputs
+    (chat template, image tokens, pixel values) with the answer and EOS appended."""
+    eos = [adapter.tokenizer.eos_token_id] if adapter.tokenizer.eos_token_id is not None else []
+    ids = torch.tensor(adapter.tokenizer(answer, add_special_tokens=False)["input_ids"] + eos)
+    inputs = adapter.append_tokens(adapter.build_inputs(request), ids)
+    input_ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    return CalibrationBatch(input_ids, mask, inputs)

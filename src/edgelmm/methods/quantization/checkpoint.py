@@ -37,9 +37,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edgelmm.errors import EdgelmmError
-from edgelmm.methods.quantization import packing
+import edgelmm.methods.quantization.packing as packing
 from edgelmm.methods.quantization.linear import QuantLinear
 from edgelmm.models.base import ModelAdapter
+from edgelmm.models.loader import Checkpoint, resolve_checkpoint
+from edgelmm.utils.device import resolve_device, resolve_dtype
 from edgelmm.utils.io import atomic_directory, atomic_write_text
 
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -138,11 +140,11 @@ def save_quantized(model: nn.Module, processor: Any, adapter: ModelAdapter, out:
 # ---------------------------------------------------------------- reading checkpoints
 
 
-def read_quantization_config(path: Path) -> dict[str, Any]:
+def read_quantization_config(checkpoint: str | Path | Checkpoint) -> dict[str, Any]:
     """The checkpoint's quantization_config, checked to be a format edgelmm reads."""
-    from edgelmm.models.loader import read_config
-
-    qc = read_config(path).get("quantization_config")
+    checkpoint = resolve_checkpoint(checkpoint)
+    path = checkpoint.path
+    qc = checkpoint.config.get("quantization_config")
     if not isinstance(qc, dict):
         raise EdgelmmError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
     method = qc.get("quant_method")
@@ -172,15 +174,6 @@ def scheme_of(qc: dict[str, Any]) -> tuple[int, int, bool]:
         return 4, int(qc.get("group_size", qc.get("q_group_size", 128))), False
     w = next(iter(qc["config_groups"].values()))["weights"]
     return int(w["num_bits"]), int(w["group_size"]), bool(w.get("symmetric"))
-
-
-def is_quantized_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is a checkpoint directory whose config.json declares a quantization_config."""
-    config = Path(path) / "config.json"
-    try:
-        return config.is_file() and isinstance(json.loads(config.read_text()).get("quantization_config"), dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
 
 
 @contextmanager
@@ -230,13 +223,14 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _key_mapper(model: nn.Module) -> Any:
+def _key_mapper(model: nn.Module, key_mapping: dict[str, str] | None = None) -> Any:
     """Checkpoint key -> model key, with transformers' own renaming rules for the family (the
-    same ones `from_pretrained` applies, e.g. LLaVA's `language_model.model.` prefix)."""
+    same ones `from_pretrained` applies, e.g. LLaVA's `language_model.model.` prefix) and the
+    adapter's `key_mapping` for checkpoints with their own weight names."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    transforms = get_model_conversion_mapping(model)
+    transforms = get_model_conversion_mapping(model, key_mapping=key_mapping)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     meta = model.state_dict()
@@ -278,7 +272,8 @@ def _quant_tensors(kind: str, handles: dict[str, Any], prefix: str, layer: Quant
     return tensors
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_quantized(checkpoint: str | Path | Checkpoint, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
     """A quantized checkpoint (either format) as a model of QuantLinear layers, without
     transformers' quantizers or the compressed-tensors package.
 
@@ -286,21 +281,18 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     the checkpoint stores packed are swapped for QuantLinear, and every tensor is then read from
     the safetensors files straight into place: peak memory is the quantized model's.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
-    from edgelmm.models.loader import read_config
-    from edgelmm.models.registry import adapter_class
-
-    path = Path(path)
-    qc = read_quantization_config(path)
+    checkpoint = resolve_checkpoint(checkpoint)
+    path = checkpoint.path
+    qc = read_quantization_config(checkpoint)
     kind = "awq" if qc["quant_method"] == "awq" else "ct"
     bits, group, symmetric = scheme_of(qc)
-    multimodal = adapter_class(read_config(path)["model_type"]).multimodal
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     del config.quantization_config
     with _parameters_on_meta():
-        model = (AutoModelForImageTextToText if multimodal else AutoModelForCausalLM).from_config(config, dtype=dtype)
-    to_model = _key_mapper(model)
+        model = checkpoint.adapter_cls.build_model(config, dtype)
+    to_model = _key_mapper(model, checkpoint.adapter_cls.key_mapping)
     marker = "qweight" if kind == "awq" else "weight_packed"
     state: dict[str, torch.Tensor] = {}
     with _open_tensors(path, str(device) if torch.device(device).type != "cuda" else "cpu") as handles:
@@ -343,18 +335,14 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     return model.to(device).eval()
 
 
-def load_quantized_model(spec: Any) -> tuple[nn.Module, Any, ModelAdapter, torch.device]:
-    """`edgelmm.models.loader.load_model` for quantized checkpoints: same spec in, same tuple out."""
-    from edgelmm.models.loader import load_processor, read_config, resolve_device, resolve_dtype, resolve_model_path
-    from edgelmm.models.registry import adapter_class
-
-    path = resolve_model_path(spec.path)
-    model_type = read_config(path)["model_type"]
-    cls = adapter_class(model_type)
+def load_quantized_model(spec: Any, checkpoint: Checkpoint | None = None) -> tuple[nn.Module, Any, ModelAdapter, torch.device]:
+    """`edgelmm.models.loader.load_model` for quantized checkpoints: same arguments, same tuple out."""
+    checkpoint = checkpoint or resolve_checkpoint(spec.path)
+    cls = checkpoint.adapter_cls
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    model = load_quantized(path, device, dtype)
-    processor = load_processor(path, model_type, cls.multimodal, spec.trust_remote_code)
+    model = load_quantized(checkpoint, device, dtype)
+    processor = cls.load_processor(checkpoint.path, checkpoint.model_type, spec.trust_remote_code)
     return model, processor, cls(model, processor), device
 
 
@@ -368,8 +356,9 @@ def convert_to_awq(src: str | Path, out: str | Path, overwrite: bool = False) ->
     tensors become qweight / qzeros / scales (float16, as AutoAWQ and its kernels require).
     Everything else (config, tokenizer, processor, the 16-bit tensors) is copied unchanged.
     """
-    src = Path(src)
-    qc = read_quantization_config(src)
+    checkpoint = resolve_checkpoint(src)
+    src = checkpoint.path
+    qc = read_quantization_config(checkpoint)
     if qc["quant_method"] != "compressed-tensors":
         raise EdgelmmError(f"{src} is already in the {qc['quant_method']} format", "give a compressed-tensors checkpoint")
     bits, group, symmetric = scheme_of(qc)

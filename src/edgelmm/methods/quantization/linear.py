@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgelmm.methods.quantization import packing, tinygemm
+import edgelmm.methods.quantization.packing as packing
+import edgelmm.methods.quantization.tinygemm as tinygemm
 
 # Above this many rows a GPU matmul on the dequantized weight beats the GEMV kernel (the weight
 # is read once either way and cuBLAS is better at large tiles).
@@ -195,7 +196,7 @@ class QuantLinear(nn.Module):
     def settle(self, device: torch.device, kernel: str | None = None) -> str:
         """Choose this layer's CUDA kernel and give the layer its layout; returns the kernel
         ("tinygemm", "splitk", "triton", or "dequant" when none applies)."""
-        from edgelmm.methods.quantization import kernel as triton_kernel
+        import edgelmm.methods.quantization.kernel as triton_kernel
 
         kernel = kernel or _cuda_kernel
         self._settled = True
@@ -221,7 +222,7 @@ class QuantLinear(nn.Module):
     def _time_kernels(self, device: torch.device) -> dict:
         """Median µs of each applicable kernel at batch 1 (CUDA-graph replays, so launch overhead
         is out), after checking its output against dequantize + matmul; the fastest correct wins."""
-        from edgelmm.methods.quantization import kernel as triton_kernel
+        import edgelmm.methods.quantization.kernel as triton_kernel
 
         x = torch.randn(1, self.in_features, device=device, dtype=torch.bfloat16)
         runs = {}
@@ -261,7 +262,7 @@ class QuantLinear(nn.Module):
             return self._tinygemm_linear(x, self.tinygemm_weight, self.tinygemm_scales_zeros)
         rows = x.numel() // x.shape[-1]
         if x.is_cuda and rows <= FUSED_MAX_ROWS:
-            from edgelmm.methods.quantization import kernel
+            import edgelmm.methods.quantization.kernel as kernel
 
             if self._cuda_choice == "splitk" and kernel.splitk_available(self):
                 return kernel.linear_splitk(x, self)

@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from edgelmm.config import ModelSpec
 from edgelmm.errors import EdgelmmError
-from edgelmm.methods.quantization.calibration import IMAGE_SOURCE, CalibrationBatch, calibration_data, calibration_texts
-from edgelmm.methods.quantization.checkpoint import is_quantized_checkpoint, save_quantized
+from edgelmm.methods.quantization.calibration import CalibrationBatch, calibration_data, calibration_texts
+from edgelmm.methods.quantization.checkpoint import save_quantized
 from edgelmm.methods.quantization.config import AWQConfig, CalibrationConfig, QuantConfig
 from edgelmm.methods.quantization.linear import QuantLinear, weight_bytes
 from edgelmm.models.base import ModelAdapter
-from edgelmm.models.loader import load_model, resolve_model_path
+from edgelmm.models.loader import load_model, resolve_checkpoint
+from edgelmm.registry import CALIBRATION_SOURCES
 
 
 def _linears(root: nn.Module | None) -> list[nn.Linear]:
@@ -82,23 +83,34 @@ def quantize(
     """Quantize `model` in place with `config` (RTNConfig or AWQConfig) and return it.
 
     `calibration` (AWQ only) is a CalibrationConfig, read with the adapter's tokenizer, or
-    batches made earlier; AWQ without it uses the default (the shapes world's captions).
+    batches made earlier; AWQ needs one (the config's own `calibration` when not given here).
     """
     targets = target_linears(model, adapter, config)
     if isinstance(config, AWQConfig):
         from edgelmm.methods.quantization.awq import awq_search
 
+        calibration = calibration if calibration is not None else config.calibration
+        if calibration is None:
+            raise EdgelmmError(
+                "AWQ needs calibration data",
+                "give awq(..., calibration='texts.jsonl') (a .txt/.jsonl file, a datasets folder or hf:NAME)",
+            )
         if not isinstance(calibration, list):
-            model.edgelmm_calibration = calibration or CalibrationConfig()  # recorded in saved checkpoints
-            calibration = calibration_data(adapter, model.edgelmm_calibration)
+            model.edgelmm_calibration = calibration  # recorded in saved checkpoints
+            calibration = calibration_data(adapter, calibration)
         awq_search(model, adapter, config, calibration, set(targets.values()), progress)
     elif calibration is not None:
-        raise EdgelmmError(f"{config.method} takes no calibration data", "use method awq, or drop the calibration source")
+        raise EdgelmmError(f"{config.name} takes no calibration data", "use method awq, or drop the calibration source")
     bar = tqdm(targets.items(), desc=f"pack {config.describe()}", unit="linear", disable=not progress, file=sys.stderr)
     for name, linear in bar:
         replace_module(model, name, QuantLinear.from_linear(linear, config.bits, config.group_size, config.symmetric))
     model.edgelmm_quantization = config  # what produced it, for checkpoints and reports
     return model
+
+
+def apply_config(model: nn.Module, adapter: ModelAdapter, config: QuantConfig) -> nn.Module:
+    """The runner of the quantization methods (a method spec applied at load): no progress bars."""
+    return quantize(model, adapter, config, progress=False)
 
 
 def quantize_checkpoint(
@@ -121,13 +133,17 @@ def quantize_checkpoint(
     out = Path(out)
     if out.exists() and not overwrite:
         raise EdgelmmError(f"{out} already exists", "choose another output directory or pass --overwrite")
-    if is_quantized_checkpoint(resolve_model_path(model)):
+    checkpoint = resolve_checkpoint(model)
+    if checkpoint.quantization is not None:
         raise EdgelmmError(f"{model} is already quantized", "quantize the float checkpoint it was made from")
     if calibration is not None and not isinstance(config, AWQConfig):
-        raise EdgelmmError(f"{config.method} takes no calibration data", "use --method awq, or drop --calib")
-    if calibration is not None and calibration.source != IMAGE_SOURCE and next(calibration_texts(calibration), None) is None:
+        raise EdgelmmError(f"{config.name} takes no calibration data", "use --method awq, or drop --calibration")
+    calibration = calibration if calibration is not None else getattr(config, "calibration", None)
+    if isinstance(config, AWQConfig) and calibration is None:
+        raise EdgelmmError("AWQ needs calibration data", "pass --calibration FILE (a .txt/.jsonl file, a datasets folder or hf:NAME)")
+    if calibration is not None and calibration.source not in CALIBRATION_SOURCES and next(calibration_texts(calibration), None) is None:
         raise EdgelmmError(f"the calibration set is empty: {calibration.source} yields no text", "give a source with text in it")
-    loaded, processor, adapter, _ = load_model(ModelSpec(path=model, device=device, dtype=dtype))
+    loaded, processor, adapter, _ = load_model(ModelSpec(path=model, device=device, dtype=dtype), checkpoint)
     before = weight_bytes(loaded)
     start = time.perf_counter()
     quantize(loaded, adapter, config, calibration, progress)

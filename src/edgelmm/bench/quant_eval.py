@@ -2,7 +2,7 @@
 
 Each variant is a model (bundled name or checkpoint directory; quantized checkpoints load
 through edgelmm's own loader, so they run the QuantLinear kernels) plus, optionally, a method
-spec applied in memory (`rtn(w_bit=4)`, `awq(w_bit=4, group=128)`). Every variant is measured
+applied in memory (`rtn(bits=4)`, `awq(bits=4, group_size=128, calibration='shapes')`). Every variant is measured
 the same way: weight bytes (resident storages after loading), two perplexities, task accuracy
 and decode speed through the torch backend's own generate. One table, written atomically as
 report.md and results.json.
@@ -30,21 +30,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from edgelmm.backends.base import Request
 from edgelmm.backends.torch_backend import TorchBackend
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError
-from edgelmm.methods import apply_method, check_method
-from edgelmm.methods.quantization.checkpoint import is_quantized_checkpoint, load_quantized_model
-from edgelmm.methods.quantization.linear import weight_bytes
+from edgelmm.methods import Method, apply, parse_method
+from edgelmm.methods.quantization import weight_bytes
 from edgelmm.models.base import ModelAdapter
-from edgelmm.models.loader import load_model, resolve_model_path
 from edgelmm.tasks import get_task
 from edgelmm.tasks.perplexity import caption_perplexity, read_text, text_perplexity
 from edgelmm.utils.io import atomic_write_text
@@ -69,24 +64,16 @@ class Row:
     device: str
 
 
-class _Loaded(TorchBackend):
-    """The torch backend around a model already built here (quantized in memory, say)."""
-
-    def __init__(self, spec: ModelSpec, model: nn.Module, processor: Any, adapter: ModelAdapter, device: torch.device):
-        super().__init__()
-        self.spec, self.model, self.processor, self.adapter, self.device = spec, model, processor, adapter, device
-
-
-def _load(path: str, method: str | None, device: str, dtype: str) -> tuple[_Loaded, float | None]:
-    spec = ModelSpec(path=path, device=device, dtype=dtype)
-    quantized = is_quantized_checkpoint(resolve_model_path(path))
-    model, processor, adapter, dev = (load_quantized_model if quantized else load_model)(spec)
+def _load(path: str, method: Method | None, device: str, dtype: str) -> tuple[TorchBackend, float | None]:
+    """The torch backend with the model loaded, and the method applied in memory (timed)."""
+    backend = TorchBackend()
+    backend.load(ModelSpec(path=path, device=device, dtype=dtype))
     seconds = None
     if method is not None:
         start = time.perf_counter()
-        model = apply_method(method, model, adapter)
+        backend.model = backend.adapter.model = apply(backend.model, backend.adapter, method)
         seconds = time.perf_counter() - start
-    return _Loaded(spec, model, processor, adapter, dev), seconds
+    return backend, seconds
 
 
 def _language_bytes(adapter: ModelAdapter) -> int:
@@ -109,12 +96,12 @@ def evaluation_text(source: str, samples: int) -> str | None:
 
 def compare(
     models: Sequence[str],
-    methods: Sequence[str] = (),
-    task: str = "shapes-vqa",
+    methods: Sequence[str | Method] = (),
+    task: str = "",
     samples: int = 100,
-    perplexity: str = CAPTION_PPL,
+    perplexity: str = "",
     perplexity_samples: int = 100,
-    text: str = SHAPES_TEXT,
+    text: str = "",
     text_samples: int = 1000,
     device: str = "cpu",
     dtype: str = "auto",
@@ -122,6 +109,7 @@ def compare(
     out: str | Path | None = None,
 ) -> list[Row]:
     """One row per variant: each model as it is, then the first model with each method applied.
+    Nothing is measured unless asked: `edgelmm quant-eval` asks for all three on the shapes world.
 
     `perplexity` is "shapes-caption" (`perplexity_samples` captions given their picture) or ""
     to skip it; `text` is "shapes-text" (`text_samples` captions as plain text), a .txt / .jsonl
@@ -134,9 +122,8 @@ def compare(
             f"unknown caption perplexity '{perplexity}': expected '{CAPTION_PPL}' or ''",
             "for perplexity on a text file use --text-ppl FILE",
         )
-    for method in methods:
-        check_method(method)
-    variants = [(m, None) for m in models] + [(models[0], m) for m in methods]
+    parsed = [parse_method(m) for m in methods]
+    variants: list[tuple[str, Method | None]] = [(m, None) for m in models] + [(models[0], m) for m in parsed]
     task_samples = get_task(task).samples(samples) if task else []
     caption_samples = get_task(CAPTION_PPL).samples(perplexity_samples, seed=CAPTION_PPL_SEED) if perplexity else []
     text_value = evaluation_text(text, text_samples)
@@ -157,7 +144,7 @@ def compare(
         if task_samples:
             scorer = get_task(task)
             params = SamplingParams(max_new_tokens=max_new_tokens)
-            results = [backend.generate([Request(s.prompt, list(s.images), s.id)], params)[0] for s in task_samples]
+            results = [backend.generate([Request.chat(s.prompt, s.images, id=s.id)], params)[0] for s in task_samples]
             accuracy = statistics.fmean(scorer.score(r.text, s) for r, s in zip(results, task_samples))
             steps = [d for r in results for d in r.timings.decode_s]
             speed = 1 / statistics.median(steps) if steps else None
