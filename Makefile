@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-dev demo test
+.PHONY: setup setup-dev demo lint test
 setup:
 	@bash scripts/setup.sh
 
@@ -12,5 +12,9 @@ setup-dev:
 demo: setup
 	$(BIN)/edgelmm demo
 
-test: setup-dev
+lint: setup-dev
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest

@@ -10,7 +10,7 @@ import torch
 from edgelmm.config import HardwareProfile
 from edgelmm.errors import EdgelmmError
 from edgelmm.hardware import format_plan, guess_profile, list_profiles, load_profile, plan, plan_from_path, roofline_decode_tok_s
-from edgelmm.hardware.planning import GROUP_SIZE, architecture, bits_per_weight, supported_model_types
+from edgelmm.hardware.planning import GROUP_SIZE, architecture, bits_per_weight
 from edgelmm.hardware.profiles import PROFILE_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"

@@ -30,9 +30,10 @@ from transformers import AutoConfig
 
 from edgelmm.bench import run_bench, run_eval
 from edgelmm.config import BenchConfig, ModelSpec, SamplingParams, TaskSpec
-from edgelmm.methods import apply_method, parse_method
+from edgelmm.methods import apply, parse_method
 from edgelmm.methods.pruning import pruning_of, unprune
 from edgelmm.models.loader import load_model, resolve_model_path
+from edgelmm.request import Request
 from edgelmm.tasks import get_task
 
 # label in the plot -> method spec; the papers' settings, then the proportional-attention variants
@@ -53,7 +54,7 @@ def methods(fastv_k: int) -> dict[str, tuple[str, float]]:
     cells = {"none": ("none", 1.0)}
     for label, spec in METHODS.items():
         for keep in KEEPS:
-            cells[spec.format(keep=keep, k=fastv_k)] = (label.format(k=fastv_k), keep)
+            cells[str(parse_method(spec.format(keep=keep, k=fastv_k)))] = (label.format(k=fastv_k), keep)
     return cells
 
 
@@ -74,7 +75,7 @@ def kv_bytes(model_path: str, methods: list[str], n: int) -> dict[str, dict[str,
         apply(model, adapter, method)
         sizes, tokens = [], []
         for sample in samples:
-            inputs = adapter.build_inputs(sample.prompt, list(sample.images))
+            inputs = adapter.build_inputs(Request.chat(sample.prompt, sample.images))
             with torch.inference_mode():
                 out = model(**inputs, use_cache=True, logits_to_keep=1)
             cache = getattr(out, "cache", None) or out.past_key_values
@@ -97,7 +98,7 @@ def summarize(cells: dict[str, tuple[str, float]], accuracy: list[dict[str, Any]
     for spec, (label, keep) in cells.items():
         record = by_method[spec]
         kept = kv[spec]["kept_tokens"] - kv["none"]["kept_tokens"] + prompt
-        flops = prefill_flops(text_config, round(prompt), round(kept), parse_method(spec)[1].get("k", 0))
+        flops = prefill_flops(text_config, round(prompt), round(kept), getattr(parse_method(spec), "k", 0))
         rows.append({
             "method": spec, "name": label, "keep": keep,
             "accuracy": record["accuracy"],

@@ -29,8 +29,9 @@ import transformers
 from flops import prefill_flops
 from transformers import AutoConfig, AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList
 
-from edgelmm.methods.pruning import get_pruner, prune, pruning_of, unprune
+from edgelmm.methods.pruning import prune, pruning_of, unprune
 from edgelmm.models.qwen2_vl import Qwen2VLAdapter
+from edgelmm.registry import METHODS as METHOD_CLASSES
 
 CONFIG = Path(__file__).resolve().parents[2] / "tests/fixtures/configs/Qwen2-VL-7B-Instruct"
 METHODS = ("fastv", "random", "uniform", "visionzip")
@@ -218,7 +219,7 @@ def main() -> None:
         for method, keep in cells:
             pruner = None
             if not method.startswith("none"):
-                pruner = get_pruner(method, keep=keep, **({"k": 2} if method == "fastv" else {}))
+                pruner = METHOD_CLASSES.get(method)(keep=keep, **({"k": 2} if method == "fastv" else {}))
                 prune(model, adapter, pruner)
             row = prefill(model, inputs, clocks, device, args.warmup, args.repeats)
             kept = pruning_of(model).last.kept_tokens if pruner else n_tokens
@@ -227,7 +228,7 @@ def main() -> None:
             if pruner:
                 unprune(model)
             flops = prefill_flops(text, n_tokens, kept, pruner.k if pruner else 0)
-            row.update(size=size, method=repr(pruner) if pruner else method, name=method, keep=keep,
+            row.update(size=size, method=str(pruner) if pruner else method, name=method, keep=keep,
                        prompt_tokens=n_tokens, visual_tokens=n_visual, kept_tokens=kept, lm_prefill_flops=flops)
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)

@@ -13,8 +13,8 @@ SAMPLES=${2:-200}
 PPL_SAMPLES=${3:-100}
 TEXT_SAMPLES=${4:-1000}
 WORK=${WORK:-runs/quantization}
-TEXT="w_bit=4, group=128, calib='shapes', samples=32, seq_len=256"    # demo_cpu.sh's calibration
-IMAGES="w_bit=4, group=128, calib='shapes-images', samples=64"        # 64 conversations with pictures
+TEXT="bits=4, group_size=128, calibration={'source': 'shapes', 'num_samples': 32, 'max_seq_len': 256}"  # demo_cpu.sh's
+IMAGES="bits=4, group_size=128, calibration={'source': 'shapes-images', 'num_samples': 64}"             # 64 conversations with pictures
 edgelmm quant-eval "$MODEL" "$WORK/$MODEL-rtn" "$WORK/$MODEL-awq" \
   --method "awq($IMAGES)" --method "awq($TEXT, clip=False)" --method "awq($TEXT, duo_scaling=False)" \
   --method "awq($IMAGES, clip=False)" \

@@ -20,7 +20,7 @@ WORK=${WORK:-runs/quantization}
 for model in shapes-vlm-s shapes-vlm-l; do
   for method in rtn awq; do
     edgelmm quantize "$model" --method "$method" --bits 4 --group-size 128 --device cpu --out "$WORK/$model-$method" --overwrite \
-      $([ "$method" = awq ] && echo --calib shapes --calib-samples 32 --calib-seq-len 256)
+      $([ "$method" = awq ] && echo --calibration shapes --num-samples 32 --max-seq-len 256)
   done
   edgelmm quant-eval "$model" "$WORK/$model-rtn" "$WORK/$model-awq" --samples "$SAMPLES" --ppl-samples "$PPL_SAMPLES" \
     --text-ppl shapes-text --text-ppl-samples "$TEXT_SAMPLES" --device cpu --out "$OUT/demo-$model"

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from edgelmm.methods.quantization.compare import CAPTION_PPL_SEED, _load
+from edgelmm.bench.quant_eval import CAPTION_PPL_SEED, _load
+from edgelmm.methods import parse_method
+from edgelmm.request import Request
 from edgelmm.tasks import get_task
-from edgelmm.tasks.perplexity import append_answer
 
 
 @torch.no_grad()
@@ -37,7 +38,7 @@ def logits_of(backend, samples) -> list[tuple[torch.Tensor, int]]:
     out = []
     for s in samples:
         answer = backend.adapter.tokenizer(s.reference, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        inputs = append_answer(backend.adapter.build_inputs(s.prompt, list(s.images)), answer)
+        inputs = backend.adapter.append_tokens(backend.adapter.build_inputs(Request.chat(s.prompt, s.images)), answer)
         out.append((backend.model(**inputs).logits[0, :-1].float(), answer.numel()))
     return out
 
@@ -76,7 +77,7 @@ def main() -> int:
     variants = [(m, None) for m in args.model] + [(args.model[0], m) for m in args.method]
     rows, ref = [], None
     for path, method in variants:
-        backend, seconds = _load(path, method, "cpu", "auto")
+        backend, seconds = _load(path, parse_method(method) if method else None, "cpu", "auto")
         got = logits_of(backend, samples)
         ref = ref or got
         name = Path(path).name + (f" + {method}" if method else "")

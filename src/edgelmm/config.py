@@ -206,7 +206,7 @@ class BenchConfig(Schema):
 S = TypeVar("S", bound=BaseModel)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Any) -> str:
     where = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{where}'"

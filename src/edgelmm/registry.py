@@ -77,7 +77,7 @@ class Registry(Generic[T]):
             module, _, attr = entry.partition(":")
             entry = getattr(importlib.import_module(module), attr)
             self._entries[name] = entry
-        return entry  # type: ignore[return-value]
+        return entry
 
     def items(self) -> Iterator[tuple[str, T]]:
         """Every entry, resolved (this imports them all)."""
@@ -87,7 +87,8 @@ class Registry(Generic[T]):
     def build(self, spec: str) -> Any:
         """The object a spec such as 'fastv(k=2, keep=0.25)' names, constructed from its keywords."""
         name, kwargs = parse_spec(spec, self.kind)
-        return construct(self.get(name), kwargs, f"{self.kind} '{name}'")
+        cls: Any = self.get(name)
+        return construct(cls, kwargs, f"{self.kind} '{name}'")
 
 
 def parse_spec(spec: str, kind: str = "spec") -> tuple[str, dict[str, Any]]:
@@ -158,11 +159,17 @@ def load_plugin(name_or_path: str) -> Any:
         if not path.is_file():
             raise EdgelmmError(f"plug-in file not found: {path}")
         module_name = f"edgelmm_plugin_{path.stem}"
+        if module_name in sys.modules:  # a plug-in registers once per process
+            return sys.modules[module_name]
         spec = importlib.util.spec_from_file_location(module_name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[module_name]
+            raise EdgelmmError(f"plug-in {path} failed to load: {type(exc).__name__}: {exc}") from exc
         return module
     try:
         return importlib.import_module(name_or_path)

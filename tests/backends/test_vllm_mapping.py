@@ -8,8 +8,8 @@ import importlib.util
 import pytest
 
 from edgelmm import EdgelmmError, ModelSpec, Request, SamplingParams
-from edgelmm.backends.registry import backend_class
 from edgelmm.backends.engines import openai_messages
+from edgelmm.backends.registry import backend_class
 from edgelmm.backends.vllm_backend import engine_args, engine_prompt, sampling_args
 from edgelmm.errors import MissingExtraError
 from edgelmm.hardware import load_profile

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from edgelmm.request import Request
 from PIL import Image
 from torch import nn
 
+from edgelmm.request import Request
 from tests.tiny_models import CAUSAL_FAMILIES, FAMILIES, QWEN_IMAGE, VLM_FAMILIES, sample_images
 
 IMAGE_MARKERS = {  # what the chat template writes for one image, before the processor expands it

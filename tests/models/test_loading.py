@@ -7,21 +7,20 @@ import json
 import pytest
 import torch
 
-from edgelmm.request import Request
-
 from edgelmm.config import ModelSpec
 from edgelmm.errors import EdgelmmError
 from edgelmm.models import registry
+from edgelmm.models.base import ModelAdapter
 from edgelmm.models.causal_lm import CausalLMAdapter
 from edgelmm.models.internvl import InternVLAdapter
 from edgelmm.models.llava import LlavaAdapter
-from edgelmm.models.base import ModelAdapter
 from edgelmm.models.loader import load_model, read_config, resolve_checkpoint, resolve_model_path
 from edgelmm.models.processors import images_only
 from edgelmm.models.qwen2_vl import Qwen2VLAdapter
 from edgelmm.models.qwen3_vl import Qwen3VLAdapter
 from edgelmm.models.registry import adapter_class, get_adapter, supported_model_types
 from edgelmm.registry import MODEL_FAMILIES
+from edgelmm.request import Request
 from tests.tiny_models import FAMILIES, VLM_FAMILIES, sample_images, save_tiny
 
 ADAPTER_OF = {

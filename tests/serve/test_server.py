@@ -411,3 +411,19 @@ def test_prompt_logprobs_on_chat_and_ids_as_token_names(client, served):
                               SamplingParams(max_new_tokens=0, prompt_logprobs=0))
     got = [entry[str(t)]["logprob"] for t, entry in zip(prompt_ids[1:], scores[1:])]
     assert got == pytest.approx([s.logprob for s in here.prompt_logprobs[1:]], abs=1e-4)
+
+
+def test_tokenizer_routes_as_vllm_has_them(url, served):
+    backend = served[1].backend
+    text = "What color is the circle?"
+    ids = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": text}).json()
+    assert ids["tokens"] == backend.adapter.tokenizer(text).input_ids and ids["count"] == len(ids["tokens"])
+    bare = httpx.post(url + "/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    assert bare == backend.adapter.tokenizer(text, add_special_tokens=False).input_ids
+    chat = httpx.post(url + "/tokenize", json={"messages": image_message()}).json()["tokens"]
+    assert chat == backend.prompt_token_ids(Request.chat(QUESTION, [make_image()]))
+    assert httpx.post(url + "/detokenize", json={"tokens": bare}).json()["prompt"] == text
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert info["eos_token"] == backend.adapter.tokenizer.eos_token and "ASSISTANT" in info["chat_template"]
+    assert httpx.post(url + "/detokenize", json={"tokens": [10**7]}).status_code == 400
+    assert httpx.post(url + "/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404

@@ -147,9 +147,16 @@ class Detokenizer:
         return delta
 
     def flush(self) -> str:
-        """At the end of generation: the held-back tail that never became a stop string."""
+        """At the end of generation: the held-back tail that never became a stop string, and
+        tokens that never completed a character (shown as the replacement character, as a
+        whole-sequence decode shows them)."""
         if self.stopped is not None:
             return ""
+        prefix_text = self.decode(self.ids[self._prefix:self._read])
+        new_text = self.decode(self.ids[self._prefix:])
+        if len(new_text) > len(prefix_text):
+            self.text += new_text[len(prefix_text):]
+            self._prefix = self._read = len(self.ids)
         delta, self.shown = self.text[self.shown:], len(self.text)
         return delta
 
@@ -199,12 +206,25 @@ class Backend(ABC):
         """Each token as text on its own, special tokens included (for log-probability entries)."""
         raise EdgelmmError(f"the {self.name} backend cannot turn token ids into text")
 
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer alone on `text` (no chat template, no images)."""
+        raise EdgelmmError(f"the {self.name} backend has no tokenizer to offer")
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """Token ids back to text, special tokens included."""
+        raise EdgelmmError(f"the {self.name} backend has no tokenizer to offer")
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What a client needs to tokenize as the model does: special tokens, chat template, length."""
+        raise EdgelmmError(f"the {self.name} backend has no tokenizer to offer")
+
     # ------------------------------------------------------------ helpers
     def generate_sequentially(self, requests: list[Request], params: SamplingParams) -> list[Result]:
         """`generate` for engines that run one sequence at a time: each result from its own stream."""
         results = []
         for request in requests:
             *_, last = self.stream(request, params)
+            assert last.result is not None, f"the {self.name} backend's stream ended without a result"
             results.append(last.result)
         return results
 
@@ -212,7 +232,7 @@ class Backend(ABC):
         """Where the model runs, in words (for reports)."""
         return "unknown"
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (nothing to free, unless the engine says otherwise)
         """Free the model; the backend can be loaded again afterwards."""
 
     def __enter__(self) -> Backend:

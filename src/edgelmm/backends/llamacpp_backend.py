@@ -190,6 +190,18 @@ class LlamaCppBackend(Backend):
     def token_texts(self, token_ids: list[int]) -> list[str]:
         return [self.decode([t]) for t in token_ids]
 
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        add_bos = add_special_tokens and self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.decode(token_ids)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        return {"tokenizer_class": "llama.cpp", "bos_token": self._special_text(self.llm.token_bos()),
+                "eos_token": self._special_text(self.llm.token_eos()), "pad_token": None,
+                "chat_template": self.llm.metadata.get("tokenizer.chat_template"), "model_max_length": self.max_context}
+
     def _prompt_scores(self, ids: list[int], top: int) -> list[TokenScore]:
         """Teacher-forced scores of the prompt just evaluated (llm.eval(ids) with logits_all)."""
         if not self.options["logits_all"]:

@@ -140,6 +140,23 @@ class TorchBackend(Backend):
         self._check()
         return self.adapter.token_texts(token_ids)
 
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self._check()
+        return self.adapter.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        self._check()
+        self.adapter.check_token_ids(token_ids)
+        return self.adapter.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        self._check()
+        tokenizer = self.adapter.tokenizer
+        template = getattr(self.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+        return {"tokenizer_class": type(tokenizer).__name__, "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "chat_template": template,
+                "model_max_length": self.max_context}
+
     # ------------------------------------------------------------ generation
     def _check(self) -> None:
         if self.model is None:

@@ -44,7 +44,6 @@ from edgelmm.tasks import get_task
 from edgelmm.tasks.perplexity import caption_perplexity, read_text, text_perplexity
 from edgelmm.utils.io import atomic_write_text
 
-
 CAPTION_PPL = "shapes-caption"
 SHAPES_TEXT = "shapes-text"
 CAPTION_PPL_SEED = 1  # shapes-vqa accuracy uses seed 0; all three are evaluation seeds

@@ -165,7 +165,7 @@ def transformers_config(raw: Mapping[str, Any]) -> Any:
     leaves out (llava-1.5 names neither its hidden size nor its layer count)."""
     from transformers import CONFIG_MAPPING
 
-    model_type = raw.get("model_type")
+    model_type = str(raw.get("model_type"))
     try:
         return CONFIG_MAPPING[model_type].from_dict(dict(raw))
     except KeyError:

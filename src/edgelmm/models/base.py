@@ -34,8 +34,8 @@ class ModelAdapter:
     planned_types: ClassVar[tuple[str, ...]] = ()  # the model_types `architecture` sizes (edgelmm plan)
 
     def __init__(self, model: nn.Module, processor: Any | None = None):
-        self.model = model
-        self.processor = processor
+        self.model: Any = model  # navigated by attribute: each family's own module tree
+        self.processor: Any = processor
 
     # ------------------------------------------------------------ structure
     @property
@@ -46,12 +46,12 @@ class ModelAdapter:
     def text_config(self) -> Any:
         return getattr(self.config, "text_config", None) or self.config
 
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> Any:
         """The decoder stack (embeddings, layers, final norm), without the lm_head."""
         inner = self.model.model
         return getattr(inner, "language_model", inner)
 
-    def language_layers(self) -> list[nn.Module]:
+    def language_layers(self) -> list[Any]:
         return list(self.language_model().layers)
 
     def attention(self, i: int) -> nn.Module:
@@ -112,7 +112,7 @@ class ModelAdapter:
                     return value
         return None
 
-    def image_token_mask(self, input_ids: torch.Tensor) -> torch.BoolTensor:
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """True where the language sequence holds an image (visual) token."""
         token = self.image_token_id
         if token is None:
@@ -193,7 +193,7 @@ class ModelAdapter:
             # tokens to a templated prompt, a processor adds them unless the template starts with BOS.
             add_special = self.multimodal and not self._starts_with_bos(text)
         else:
-            text = request.text
+            text = str(request.text)
             add_special = not self._starts_with_bos(text)  # raw text: BOS added as completions servers do
         return self._process(text, images, add_special)
 
@@ -215,10 +215,7 @@ class ModelAdapter:
     def _from_ids(self, ids: list[int], images: list[Any]) -> dict[str, torch.Tensor]:
         """Token ids used exactly as given; images run through the processor alone, and the ids
         must hold each image's tokens already expanded (as the processor expands them)."""
-        vocab = self.text_config.vocab_size
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is outside the model's vocabulary (ids 0..{vocab - 1})")
+        self.check_token_ids(ids)
         input_ids = torch.tensor([ids])
         image_tokens = int(self.image_token_mask(input_ids).sum())
         if not images:
@@ -240,6 +237,12 @@ class ModelAdapter:
                      and v.shape == processed["input_ids"].shape}
         images_only = {k: v for k, v in processed.items() if k not in per_token}
         return {"input_ids": input_ids, **self.token_fields(input_ids), **images_only}
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        vocab = self.text_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the model's vocabulary (ids 0..{vocab - 1})")
 
     def token_fields(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The per-token inputs besides the ids that the processor would give for these ids."""

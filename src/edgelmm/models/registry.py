@@ -44,4 +44,5 @@ def adapter_class(model_type: str) -> type[ModelAdapter]:
 
 
 def get_adapter(model: nn.Module, processor: Any | None = None) -> ModelAdapter:
-    return adapter_class(model.config.model_type)(model, processor)
+    config: Any = model.config
+    return adapter_class(str(config.model_type))(model, processor)

@@ -39,10 +39,19 @@ from edgelmm.serve.responses import (
     result_usage,
     vllm_prompt_logprobs,
 )
-from edgelmm.serve.schemas import ChatCompletionRequest, CompletionRequest, Limits, Message, _Sampling
+from edgelmm.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Limits,
+    Message,
+    TokenizeRequest,
+    _Sampling,
+)
 
 B = TypeVar("B", bound=BaseModel)
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize",
+          "/tokenizer_info")
 
 
 @dataclass
@@ -412,6 +421,37 @@ async def completions(request: HttpRequest) -> Response:
     return _event_stream(request, state, produce, streams)
 
 
+async def tokenize(request: HttpRequest) -> dict[str, Any]:
+    """vLLM's /tokenize (lm-evaluation-harness tokenizes through it when no tokenizer is given)."""
+    state = _state(request)
+    body = _validate(TokenizeRequest, await _json_body(request, state.config.limits.max_body_bytes))
+    if body.model is not None:
+        _check_model(state, body.model)
+    backend = state.engine.backend
+    if body.messages is not None:
+        chat = await _chat_request(state, body.messages)
+        ids = await state.engine.call(lambda: backend.prompt_token_ids(chat))
+    else:
+        text = body.prompt
+        ids = await state.engine.call(lambda: backend.tokenize(text, body.add_special_tokens))
+    return {"count": len(ids), "max_model_len": state.engine.max_context, "tokens": ids}
+
+
+async def detokenize(request: HttpRequest) -> dict[str, Any]:
+    state = _state(request)
+    body = _validate(DetokenizeRequest, await _json_body(request, state.config.limits.max_body_bytes))
+    if body.model is not None:
+        _check_model(state, body.model)
+    backend = state.engine.backend
+    return {"prompt": await state.engine.call(lambda: backend.detokenize(body.tokens))}
+
+
+async def tokenizer_info(request: HttpRequest) -> dict[str, Any]:
+    state = _state(request)
+    backend = state.engine.backend
+    return await state.engine.call(backend.tokenizer_info)
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -475,4 +515,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"], dependencies=keyed)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=keyed)
     app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/tokenize", tokenize, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/detokenize", detokenize, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"], dependencies=keyed)
     return app

@@ -15,7 +15,7 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,11 +52,12 @@ def scored_ids(result: Result) -> list[int]:
 
 @dataclass
 class _Job:
-    request: Request
-    params: SamplingParams
+    request: Request | None
+    params: SamplingParams | None
     explicit_max_tokens: bool
     stream: bool
     loop: asyncio.AbstractEventLoop
+    work: Callable[[], Any] | None = None  # a call that must run where the tokenizer lives
     future: asyncio.Future | None = None
     queue: asyncio.Queue | None = None
     cancelled: bool = False
@@ -65,7 +66,7 @@ class _Job:
     @property
     def batchable(self) -> bool:
         """Plain generation whose answer does not depend on what else is in the batch."""
-        return not self.stream and (self.params.greedy or self.params.seed is None)
+        return self.work is None and not self.stream and (self.params.greedy or self.params.seed is None)
 
     def batch_key(self) -> str:
         return self.params.model_dump_json()
@@ -141,6 +142,14 @@ class Engine:
         finally:
             job.cancelled = True  # no-op once done; stops a queued job whose handler was cancelled
 
+    async def call(self, work: Callable[[], Any]) -> Any:
+        """Run `work` in the engine thread (tokenizer calls: tokenizers must not be shared across
+        threads) and return what it returns; an error arrives as an ApiError."""
+        loop = asyncio.get_running_loop()
+        job = _Job(None, None, True, stream=False, loop=loop, future=loop.create_future(), work=work)
+        self._submit(job)
+        return await job.future
+
     def open_stream(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True) -> Stream:
         """Queue a streaming job; iterate the Stream for its tokens. Call from the event loop."""
         loop = asyncio.get_running_loop()
@@ -176,7 +185,9 @@ class Engine:
         while (batch := self._next()) is not None:
             self.running = len(batch)
             try:
-                if batch[0].stream:
+                if batch[0].work is not None:
+                    self._run_call(batch[0])
+                elif batch[0].stream:
                     self._run_stream(batch[0])
                 else:
                     self._run_batch(batch)
@@ -248,6 +259,12 @@ class Engine:
                 wanted = params.wants_logprobs or params.prompt_logprobs is not None
                 texts = self._texts(scored_ids(result)) if wanted else {}
                 self._deliver(job, Completion(result, started - job.enqueued, texts))
+
+    def _run_call(self, job: _Job) -> None:
+        try:
+            self._deliver(job, job.work())
+        except BaseException as exc:
+            self._deliver(job, as_api_error(exc))
 
     def _run_stream(self, job: _Job) -> None:
         try:

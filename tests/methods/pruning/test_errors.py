@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from edgelmm.request import Request
-
 from edgelmm.errors import EdgelmmError
 from edgelmm.methods import apply
 from edgelmm.methods.pruning import FastV, Uniform, VisionZip, prune, pruning_of
+from edgelmm.request import Request
 from tests.methods.pruning.conftest import pruned
 from tests.tiny_models import sample_images
 

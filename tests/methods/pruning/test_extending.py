@@ -1,11 +1,11 @@
 """A pruning method defined outside the package plugs in by name, and pruning composes with
 weight quantization in either order."""
 
-import pytest
-import torch
-
 from dataclasses import dataclass
 from typing import ClassVar
+
+import pytest
+import torch
 
 from edgelmm.methods import apply
 from edgelmm.methods.pruning import Pruner, VisualTokens, pruning_of, unprune

@@ -7,8 +7,8 @@ per visual token, the patches it was built from."""
 
 import pytest
 import torch
-from edgelmm.request import Request
 
+from edgelmm.request import Request
 from tests.tiny_models import make_image, sample_images
 
 

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from edgelmm.request import Request
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.utils.quantization_config import CompressedTensorsConfig
@@ -18,9 +16,16 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 from edgelmm.config import ModelSpec
 from edgelmm.errors import EdgelmmError
 from edgelmm.methods.quantization import (
-    QuantLinear, RTNConfig, convert_to_awq, load_quantized, load_quantized_model, quantize, quantize_checkpoint,
+    QuantLinear,
+    RTNConfig,
+    convert_to_awq,
+    load_quantized,
+    load_quantized_model,
+    quantize,
+    quantize_checkpoint,
     save_quantized,
 )
+from edgelmm.request import Request
 from tests.tiny_models import FAMILIES, sample_images, save_tiny
 
 

@@ -60,8 +60,8 @@ def test_text_files(tmp_path: Path) -> None:
 
 
 def test_shapes_text_is_evaluation_captions_as_paragraphs() -> None:
-    from edgelmm.demo import shapes
     from edgelmm.bench.quant_eval import SHAPES_TEXT, evaluation_text, shapes_text
+    from edgelmm.demo import shapes
 
     text = shapes_text(5)
     captions = [s.answer for s in shapes.generate(5, 2, task="caption")]

@@ -383,13 +383,13 @@ def awq_search(
                 continue
             x = feats[group.linears[0]]
             if group.fold.kind == "norm":  # the block's output, the layer's other linears in float
-                def loss_of() -> float:
-                    return _output_loss([s.run(layer) for s in samples], references, masks)
+                def loss_of() -> float:  # called at once, within this iteration
+                    return _output_loss([s.run(layer) for s in samples], references, masks)  # noqa: B023
             else:  # the consumer's own output, as AutoAWQ inspects o_proj and down_proj
                 reference = _outputs(group.linears, x)
 
-                def loss_of() -> float:
-                    return float((_outputs(group.linears, x) - reference).float().pow(2).mean())
+                def loss_of() -> float:  # called at once, within this iteration
+                    return float((_outputs(group.linears, x) - reference).float().pow(2).mean())  # noqa: B023
             s = _search_scale(group, x, loss_of, config)
             if s is None:
                 continue

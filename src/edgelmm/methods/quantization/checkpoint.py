@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from edgelmm.errors import EdgelmmError
 import edgelmm.methods.quantization.packing as packing
+from edgelmm.errors import EdgelmmError
 from edgelmm.methods.quantization.linear import QuantLinear
 from edgelmm.models.base import ModelAdapter
 from edgelmm.models.loader import Checkpoint, resolve_checkpoint
