@@ -102,6 +102,16 @@ async def _json_body(request: HttpRequest, limit: int) -> dict[str, Any]:
     return data
 
 
+async def _read(request: HttpRequest, schema: type[B]) -> B:
+    """The request's body, checked against its schema and, where it names one, the served model."""
+    state = _state(request)
+    body = _validate(schema, await _json_body(request, state.config.limits.max_body_bytes))
+    model = getattr(body, "model", None)
+    if model is not None:
+        _check_model(state, model)
+    return body
+
+
 def _validate(schema: type[B], data: dict[str, Any]) -> B:
     try:
         return schema.model_validate(data)
@@ -261,8 +271,7 @@ async def get_model(request: HttpRequest, name: str) -> dict[str, Any]:
 async def chat_completions(request: HttpRequest) -> Response:
     state = _state(request)
     started = time.perf_counter()
-    body = _validate(ChatCompletionRequest, await _json_body(request, state.config.limits.max_body_bytes))
-    _check_model(state, body.model)
+    body = await _read(request, ChatCompletionRequest)
     explicit = body.requested_max_tokens is not None
     params = _sampling(state, body, body.requested_max_tokens or state.config.limits.max_tokens, body.logprobs,
                        body.top_logprobs or 0, body.prompt_logprobs)
@@ -330,8 +339,7 @@ async def completions(request: HttpRequest) -> Response:
     state = _state(request)
     limits = state.config.limits
     started = time.perf_counter()
-    body = _validate(CompletionRequest, await _json_body(request, limits.max_body_bytes))
-    _check_model(state, body.model)
+    body = await _read(request, CompletionRequest)
     prompts = body.prompts
     if len(prompts) > limits.max_prompts:
         raise ApiError(400, f"{len(prompts)} prompts in one request, at most {limits.max_prompts} allowed", param="prompt")
@@ -424,9 +432,7 @@ async def completions(request: HttpRequest) -> Response:
 async def tokenize(request: HttpRequest) -> dict[str, Any]:
     """vLLM's /tokenize (lm-evaluation-harness tokenizes through it when no tokenizer is given)."""
     state = _state(request)
-    body = _validate(TokenizeRequest, await _json_body(request, state.config.limits.max_body_bytes))
-    if body.model is not None:
-        _check_model(state, body.model)
+    body = await _read(request, TokenizeRequest)
     backend = state.engine.backend
     if body.messages is not None:
         chat = await _chat_request(state, body.messages)
@@ -439,9 +445,7 @@ async def tokenize(request: HttpRequest) -> dict[str, Any]:
 
 async def detokenize(request: HttpRequest) -> dict[str, Any]:
     state = _state(request)
-    body = _validate(DetokenizeRequest, await _json_body(request, state.config.limits.max_body_bytes))
-    if body.model is not None:
-        _check_model(state, body.model)
+    body = await _read(request, DetokenizeRequest)
     backend = state.engine.backend
     return {"prompt": await state.engine.call(lambda: backend.detokenize(body.tokens))}
 

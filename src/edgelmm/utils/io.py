@@ -41,13 +41,6 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     atomic_write_bytes(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """The objects of a UTF-8 JSONL file with their line numbers; each error names file:line."""
     from edgelmm.errors import EdgelmmError

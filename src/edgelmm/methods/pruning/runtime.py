@@ -236,7 +236,8 @@ class Pruning:
         if request is None or request.cut is None:
             return
         cut = request.cut
-        cache = next((getattr(output, k) for k in _CACHE_KEYS if getattr(output, k, None) is not None), None)
+        fields = output if isinstance(output, dict) else {}  # a ModelOutput: its set fields, no deprecated aliases
+        cache = next((fields[k] for k in _CACHE_KEYS if fields.get(k) is not None), None)
         if cache is not None:
             last = request.last_position
             if last is None:  # the model counted positions itself: 0..S-1

@@ -53,7 +53,7 @@ def _file_texts(path: Path, text_field: str) -> list[str]:
     texts = []
     for number, record in read_jsonl_records(path):
         if not isinstance(record.get(text_field), str):
-            raise EdgelmmError(f"{path}:{number}: no string field '{text_field}'", "set the text field with --calib-field")
+            raise EdgelmmError(f"{path}:{number}: no string field '{text_field}'", "set the text field with --text-field")
         texts.append(record[text_field])
     return texts
 
