@@ -1,7 +1,7 @@
 """The one interface every engine sits behind, and the types it answers in.
 
 Nothing here names torch: a backend may run in process (transformers, vLLM, llama.cpp) or talk
-to a server, and the benchmark, server and collaboration code only ever see these types. A
+to a server, and the benchmark and server code only ever see these types. A
 request is a `Request` (messages, text or token ids, see `edgelmm.request`); what to decode and
 which scores to return is `SamplingParams`; the answer is a `Result` (or a stream of
 `TokenEvent`s ending in one).

@@ -1,7 +1,7 @@
 """The bundled demo: a synthetic shapes world and two tiny LLaVA models trained on it.
 
 The checkpoints are plain Hugging Face folders (LlavaForConditionalGeneration + LlavaProcessor),
-so that everything in edgelmm — backends, pruning, quantization, edge–cloud collaboration — can
+so that everything in edgelmm — backends, pruning, quantization, serving — can
 be run and scored end to end without downloading anything. `shapes-vlm-s` plays the edge
 model, `shapes-vlm-l` the several-times-larger cloud model.
 """

@@ -8,8 +8,8 @@ carries its generated `token_ids` and the `prompt_token_ids` the model read);
 `return_tokens_as_token_ids` (log-probability entries name tokens as "token_id:N", so a client
 gets ids without the tokenizer); `prompt_logprobs` on chat (each prompt token's log-probability
 with the top k). `images` on /v1/completions (data URLs, placed by the model's own image
-placeholder in a text prompt, or already expanded in a token-id prompt) is ours: draft–verify
-decoding of a VLM scores tokens that follow an image.
+placeholder in a text prompt, or already expanded in a token-id prompt) is ours: it lets a
+client score the tokens that follow an image.
 """
 
 from __future__ import annotations
