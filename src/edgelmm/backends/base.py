@@ -87,6 +87,7 @@ class Result:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per generated token, when asked
     prompt_token_ids: list[int] | None = None  # what the model read, image tokens expanded
     prompt_logprobs: list[TokenScore] | None = None  # one per prompt token, when asked
+    decode_path: str | None = None  # how the engine decoded, where it says (torch: "cuda-graph", "static", "generate")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

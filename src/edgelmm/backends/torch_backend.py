@@ -12,6 +12,7 @@ has gone away. Prompt log-probabilities come from one teacher-forced forward pas
 
 from __future__ import annotations
 
+import logging
 import platform
 import queue
 import threading
@@ -24,6 +25,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result, Timings, TokenEvent, TokenScore, check_context
+from edgelmm.backends.decode import StaticDecoder, default_limit, unsupported
+from edgelmm.backends.engines import engine_options
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError
 from edgelmm.methods import apply
@@ -33,6 +36,21 @@ from edgelmm.models.loader import load_model, resolve_checkpoint
 from edgelmm.utils.memory import PeakMemory
 
 _SCORE_CHUNK = 256  # prompt positions whose log-softmax is taken at once (vocab-wide float32 rows)
+log = logging.getLogger("edgelmm.torch")
+OPTIONS = {
+    # "auto": the decode engine (backends/decode.py; CUDA graphs on a GPU) where it can serve the
+    # model, transformers' generate where not; "engine": the engine or an error; "generate": generate
+    "decode": "auto",
+    "cuda_graphs": True,  # with the engine on CUDA: capture each decode step once and replay it
+    "max_cache_tokens": None,  # the engine's longest prompt + new tokens; default: the profile's context, at most the model's
+    "hardware": None,  # the profile whose engine.max_context bounds the cache; default: matched to the device
+    # PyTorch SDPA kernels attention may use on CUDA, in order of preference. cuDNN's is left out by
+    # default: it builds a new plan for every new sequence length, which a server's every fresh
+    # prompt pays for (measured in benchmarks/engine/). "default": PyTorch's own choice.
+    "sdpa_backends": "flash,efficient,math",
+}
+SDPA_BACKENDS = ("flash", "efficient", "math", "cudnn")
+DECODE_MODES = ("auto", "engine", "generate")
 
 
 class _StepClock(LogitsProcessor):
@@ -70,13 +88,9 @@ class _Rows(StoppingCriteria):
         self.top: list[list[list[tuple[int, float]]]] = [[] for _ in range(rows)]
         self.done = [False] * rows
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        tokens = input_ids[:, -1].tolist()
-        top = None
-        if self.clock.last is not None and self.params.top_logprobs:
-            values, indices = self.clock.last.topk(self.params.top_logprobs, dim=-1)
-            top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
-        chosen = self.clock.last.gather(1, input_ids[:, -1:])[:, 0].tolist() if self.clock.last is not None else None
+    def add(self, tokens: list[int], chosen: list[float] | None, top: list[list[tuple[int, float]]] | None) -> bool:
+        """Take one step's token per row (rows already finished ignore theirs); True when every
+        row has finished or the consumer has gone away."""
         for row, token in enumerate(tokens):
             if self.done[row]:
                 continue
@@ -89,10 +103,43 @@ class _Rows(StoppingCriteria):
             self.done[row] = token in self.end_tokens or self.detok[row].stopped is not None
             if self.sink is not None:
                 self.sink.put(TokenEvent(token, delta, chosen[row] if chosen else None, 0.0, top[row] if top else None))
+        return self.finished
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done) or (self.cancel is not None and self.cancel.is_set())
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        """As transformers' stopping criterion, after each token of `generate`."""
+        top = None
+        if self.clock.last is not None and self.params.top_logprobs:
+            values, indices = self.clock.last.topk(self.params.top_logprobs, dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        chosen = self.clock.last.gather(1, input_ids[:, -1:])[:, 0].tolist() if self.clock.last is not None else None
+        self.add(input_ids[:, -1].tolist(), chosen, top)
         stop = torch.tensor(self.done, device=input_ids.device)
-        if self.cancel is not None and self.cancel.is_set():
+        if self.finished:
             stop[:] = True
         return stop
+
+
+def _sdpa_context(backends: str, device: torch.device) -> Any:
+    """A context-manager factory that restricts PyTorch's SDPA to `backends` on CUDA."""
+    import contextlib
+
+    if device.type != "cuda" or backends == "default":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = [b.strip() for b in str(backends).split(",") if b.strip()]
+    unknown = [b for b in names if b not in SDPA_BACKENDS]
+    if unknown or not names:
+        raise EdgelmmError(f"unknown SDPA backend(s) {', '.join(unknown) or '(none)'}",
+                           f"give a comma-separated list of {', '.join(SDPA_BACKENDS)}, or default")
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    chosen = [kinds[b] for b in names]
+    return lambda: sdpa_kernel(chosen, set_priority=True)
 
 
 class TorchBackend(Backend):
@@ -104,9 +151,16 @@ class TorchBackend(Backend):
         self.processor: Any = None
         self.adapter: Any = None
         self.device = torch.device("cpu")
+        self.decoder: StaticDecoder | None = None
+        self.decode_fallback: str | None = None  # why the decode engine does not serve this model
+        self._attention: Any = None
 
     # ------------------------------------------------------------ lifecycle
     def load(self, spec: ModelSpec) -> None:
+        options = engine_options(spec, OPTIONS, self.name)
+        if options["decode"] not in DECODE_MODES:
+            raise EdgelmmError(f"unknown decode mode '{options['decode']}' for the torch backend",
+                               f"choose one of: {', '.join(DECODE_MODES)}")
         checkpoint = resolve_checkpoint(spec.path)
         loader = load_quantized_model if checkpoint.quantization is not None else load_model
         model, processor, adapter, device = loader(spec, checkpoint)
@@ -114,9 +168,29 @@ class TorchBackend(Backend):
             model = apply(model, adapter, method)
             adapter.model = model
         self.spec, self.model, self.processor, self.adapter, self.device = spec, model, processor, adapter, device
+        self.decoder, self.decode_fallback = None, None
+        self._attention = _sdpa_context(options["sdpa_backends"], device)
+        if options["decode"] != "generate":
+            reason = unsupported(adapter)
+            if reason is not None and options["decode"] == "engine":
+                raise EdgelmmError(f"the decode engine cannot serve {spec.display_name}: {reason}",
+                                   "load it with options: {decode: generate}")
+            if reason is not None:
+                self.decode_fallback = reason
+                log.info("decoding %s with transformers' generate: %s", spec.display_name, reason)
+            else:
+                limit = options["max_cache_tokens"] or default_limit(adapter, device, self._profile_context(options["hardware"]))
+                self.decoder = StaticDecoder(model, adapter, device, int(limit), graphs=bool(options["cuda_graphs"]))
+
+    def _profile_context(self, hardware: str | None) -> int | None:
+        from edgelmm.hardware import guess_profile, load_profile
+
+        profile = load_profile(hardware) if hardware else guess_profile(self.device.type if self.device.type == "cpu" else
+                                                                        str(self.device))
+        return profile.engine.max_context if profile is not None else None
 
     def close(self) -> None:
-        self.model = self.processor = self.adapter = None
+        self.model = self.processor = self.adapter = self.decoder = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -238,7 +312,7 @@ class TorchBackend(Backend):
         return out
 
     def _result(self, rows: _Rows, row: int, prompt_ids: list[int], visual: int, prompt_scores: list[TokenScore] | None,
-                clock: _StepClock, t0: float, t_end: float, peak: int | None) -> Result:
+                clock: _StepClock, t0: float, t_end: float, peak: int | None, path: str | None) -> Result:
         ids = rows.ids[row]
         detok = rows.detok[row]
         detok.flush()
@@ -255,8 +329,29 @@ class TorchBackend(Backend):
             counts=Counts(len(prompt_ids), visual, len(ids)), peak_memory_bytes=peak,
             finish_reason=finish, stop_reason=reason,
             top_logprobs=rows.top[row] if params.top_logprobs else None,
-            prompt_token_ids=prompt_ids, prompt_logprobs=prompt_scores,
+            prompt_token_ids=prompt_ids, prompt_logprobs=prompt_scores, decode_path=path,
         )
+
+    def _decode(self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock, rows: _Rows) -> str | None:
+        """Generate every row's tokens into `rows`: through the decode engine where it serves the
+        model and the request fits its cache, else through transformers' generate. Returns the
+        path taken ("cuda-graph", "static" or "generate"; None when nothing was generated)."""
+        if not params.max_new_tokens:
+            return None
+        with self._attention():
+            return self._decode_rows(inputs, params, clock, rows)
+
+    def _decode_rows(self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock, rows: _Rows) -> str:
+        decoder = self.decoder
+        if decoder is None or not decoder.fits(inputs["input_ids"].shape[1], params.max_new_tokens):
+            self.model.generate(**self._generate_kwargs(inputs, params, clock, rows))
+            return "generate"
+        prefilled = decoder.prefill(inputs)
+        for tokens, chosen, top in decoder.decode(prefilled, params.max_new_tokens, params, lambda: rows.finished):
+            clock.stamps.append(time.perf_counter())
+            rows.add(tokens, chosen if params.wants_logprobs else None, top if params.top_logprobs else None)
+        failure = next((s.failure for s in decoder.steps.values() if s.failure), None)
+        return "static" if failure or not decoder.graphs else "cuda-graph"
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
@@ -269,11 +364,10 @@ class TorchBackend(Backend):
         rows = _Rows(self, len(requests), params, clock)
         with PeakMemory(self.device) as peak:
             scores = self._prompt_scores(inputs, params.prompt_logprobs) if params.prompt_logprobs is not None else None
-            if params.max_new_tokens:
-                self.model.generate(**self._generate_kwargs(inputs, params, clock, rows))
+            path = self._decode(inputs, params, clock, rows)
         t_end = time.perf_counter()
-        return [self._result(rows, i, prompt_ids[i], visuals[i], scores[i] if scores else None, clock, t0, t_end, peak.bytes)
-                for i in range(len(requests))]
+        return [self._result(rows, i, prompt_ids[i], visuals[i], scores[i] if scores else None, clock, t0, t_end, peak.bytes,
+                             path) for i in range(len(requests))]
 
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]:
         """Yield each token as the model produces it; generation runs in a worker thread.
@@ -288,15 +382,15 @@ class TorchBackend(Backend):
         rows = _Rows(self, 1, params, clock, sink, cancel)
         peak = PeakMemory(self.device)
         scores: list[list[TokenScore]] | None = None
+        path: str | None = None
 
         def work() -> None:
-            nonlocal scores
+            nonlocal scores, path
             try:
                 with torch.inference_mode(), peak:
                     if params.prompt_logprobs is not None:
                         scores = self._prompt_scores(inputs, params.prompt_logprobs)
-                    if params.max_new_tokens:
-                        self.model.generate(**self._generate_kwargs(inputs, params, clock, rows))
+                    path = self._decode(inputs, params, clock, rows)
                 sink.put(None)
             except BaseException as exc:  # handed to the consumer below
                 sink.put(exc)
@@ -315,5 +409,6 @@ class TorchBackend(Backend):
         tail = rows.detok[0].flush()  # text held back for a stop string that never completed
         if tail:
             yield TokenEvent(None, tail, None, time.perf_counter() - t0)
-        result = self._result(rows, 0, prompt_ids, visual, scores[0] if scores else None, clock, t0, time.perf_counter(), peak.bytes)
+        result = self._result(rows, 0, prompt_ids, visual, scores[0] if scores else None, clock, t0, time.perf_counter(),
+                              peak.bytes, path)
         yield TokenEvent(None, "", None, time.perf_counter() - t0, result=result)

@@ -63,6 +63,16 @@ class PruneStats:
 
 
 @dataclass
+class CacheLayout:
+    """A pruned prefill's cache: which prompt positions its entries hold and how to attend to them."""
+
+    keep: torch.Tensor  # [B, S'] the prompt position of each cache entry
+    alive: torch.Tensor  # [B, S'] False at dead slots (never attended)
+    weight: torch.Tensor | None  # [B, S'] tokens each entry stands for (proportional attention), or None
+    last_position: torch.Tensor  # [..., B, 1] the position of the last prompt token (original numbering)
+
+
+@dataclass
 class _Cut:
     """How the prefill sequence was cut: the same for every layer from k on."""
 
@@ -185,6 +195,14 @@ class Pruning:
         except BaseException:
             self.remove()
             raise
+
+    def cache_layout(self, cache: Any) -> CacheLayout | None:
+        """How the last pruned prefill laid out `cache` (None when it did not fill this cache):
+        for a decode loop of its own that continues it (the torch backend's decode engine)."""
+        decode = self._decode
+        if decode is None or decode.cache() is not cache:
+            return None
+        return CacheLayout(decode.keep, decode.alive, decode.weight, decode.last_position)
 
     def remove(self) -> None:
         self._disarm()
