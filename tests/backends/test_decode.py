@@ -127,6 +127,23 @@ def test_cache_lengths_come_in_buckets():
     assert cache_length(5000, 4096) == 4096
 
 
+def test_cache_buffers_are_shared_per_batch_size(paths):
+    """Every cache length's step views one set of KV buffers per batch size, grown when needed;
+    only the last MAX_BATCH_SIZES batch sizes keep theirs."""
+    engine, reference = pair(paths["qwen2"])
+    one, two = requests(engine, 1), requests(engine, 2)
+    for tokens in (10, BUCKET + 10, 10):
+        params = SamplingParams(max_new_tokens=tokens)
+        assert_same(engine.generate(one, params), reference.generate(one, params))
+    decoder = engine.decoder
+    [(keys, _)] = decoder.buffers.values()
+    assert keys[0].shape[2] == 2 * BUCKET and len(decoder.steps) == 2
+    assert {s.keys[0].untyped_storage().data_ptr() for s in decoder.steps.values()} == {keys[0].untyped_storage().data_ptr()}
+    engine.generate(two, GREEDY)
+    engine.generate(two + one, GREEDY)
+    assert sorted(decoder.buffers) == [2, 3] and {k[0] for k in decoder.steps} == {2, 3}
+
+
 def test_fallbacks_are_reported(paths):
     with load(ModelSpec(path=str(paths["mistral"]), device="cpu")) as sliding:
         assert sliding.decoder is None and "sliding" in sliding.decode_fallback
@@ -140,3 +157,71 @@ def test_fallbacks_are_reported(paths):
         load(ModelSpec(path=str(paths["qwen2"]), device="cpu", options={"decode": "fast"}))
     with pytest.raises(EdgelmmError, match="unknown option.*decoding"):
         load(ModelSpec(path=str(paths["qwen2"]), device="cpu", options={"decoding": "fast"}))
+
+
+def test_the_compiled_step_equals_generate(paths):
+    """torch.compile (inductor) of the step: the same tokens; one compilation for two cache lengths."""
+    pytest.importorskip("torch._inductor")
+    engine, reference = pair(paths["qwen2_vl"], compile=True)
+    short, long = requests(engine, 1)[0], requests(engine, 1)[0]
+    for request, tokens in ((short, 10), (long, BUCKET + 20)):  # two cache lengths
+        params = SamplingParams(max_new_tokens=tokens, logprobs=True)
+        [ours], [theirs] = engine.generate([request], params), reference.generate([request], params)
+        assert ours.decode_path == "static+compiled" and engine.decoder.compile_failure is None
+        assert_same([ours], [theirs])
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("family", ["qwen2", "llava", "qwen2_vl", "qwen3_vl", "internvl"])
+def test_cuda_graph_steps_equal_generate(paths, family):
+    """On CUDA in float32: the captured (and compiled) step gives generate's tokens, alone and in batches."""
+    spec = dict(path=str(paths[family]), device="cuda", dtype="float32")
+    engine = load(ModelSpec(**spec, options={"decode": "engine"}))
+    reference = load(ModelSpec(**spec, options={"decode": "generate"}))
+    batch = requests(engine)
+    ours, theirs = engine.generate(batch, GREEDY), reference.generate(batch, GREEDY)
+    assert {r.decode_path for r in ours} == {"cuda-graph+compiled"}
+    for a, b in zip(ours, theirs):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=2e-3)
+    [alone] = engine.generate(batch[:1], GREEDY)
+    assert alone.token_ids == theirs[0].token_ids
+
+
+@CUDA
+def test_cuda_bfloat16_stream_stop_and_pruning(paths):
+    """bf16 on CUDA: within rounding of generate; a stream stopped early leaves the engine sound;
+    pruning's smaller cache through the captured step."""
+    engine = load(ModelSpec(path=str(paths["qwen2_vl"]), device="cuda", methods=["fastv(k=1, keep=0.5)"]))
+    reference = load(ModelSpec(path=str(paths["qwen2_vl"]), device="cuda", methods=["fastv(k=1, keep=0.5)"],
+                          options={"decode": "generate"}))
+    request = requests(engine, 1)[0]
+    params = SamplingParams(max_new_tokens=24, logprobs=True)
+    [ours], [theirs] = engine.generate([request], params), reference.generate([request], params)
+    assert ours.decode_path == "cuda-graph+compiled"
+    same = next((i for i, (a, b) in enumerate(zip(ours.token_ids, theirs.token_ids)) if a != b), len(ours.token_ids))
+    assert same >= 4 and ours.logprobs[:same] == pytest.approx(theirs.logprobs[:same], abs=0.1)
+    stream = engine.stream(request, params)
+    next(stream), next(stream)
+    stream.close()  # the consumer leaves after two tokens
+    assert engine.generate([request], params)[0].token_ids == ours.token_ids
+
+
+@CUDA
+def test_cuda_w4a16_through_the_engine(paths):
+    """A W4A16 model decodes through the captured step with the fused kernels; the kernels are reported."""
+    from edgelmm.methods.quantization import kernel_choices
+
+    spec = dict(path=str(paths["qwen2"]), device="cuda", methods=["rtn(bits=4, group_size=32)"])
+    engine, reference = load(ModelSpec(**spec)), load(ModelSpec(**spec, options={"decode": "generate"}))
+    request = requests(engine, 1)[0]
+    params = SamplingParams(max_new_tokens=16, logprobs=True)
+    [ours], [theirs] = engine.generate([request], params), reference.generate([request], params)
+    assert ours.decode_path == "cuda-graph+compiled"
+    same = next((i for i, (a, b) in enumerate(zip(ours.token_ids, theirs.token_ids)) if a != b), len(ours.token_ids))
+    assert same >= 4
+    chosen = kernel_choices()
+    assert any(len(key) == 6 for key in chosen) and all(v["kernel"] for v in chosen.values())

@@ -39,10 +39,12 @@ import torch
 from transformers import Cache
 
 from edgelmm.config import SamplingParams
+from edgelmm.errors import EdgelmmError
 from edgelmm.methods.pruning import pruning_of
 
 BUCKET = 256  # cache lengths are multiples of this: a few graphs serve every prompt length
 TOP_MAX = 20  # alternatives a step can report (the OpenAI API's limit)
+MAX_BATCH_SIZES = 2  # batch sizes whose KV buffers are kept between requests
 
 
 class SlotCache(Cache):
@@ -154,12 +156,13 @@ class _Step:
     values: list[torch.Tensor] = field(default_factory=list)
     graph: Any = None
     failure: str | None = None  # why CUDA-graph capture was given up (the step then runs eagerly)
+    warm: bool = False  # run once (compiled, when the decoder compiles)
 
-    def allocate(self, like: Prefilled) -> None:
-        device, dtype = like.keys[0].device, like.keys[0].dtype
-        self.keys = [torch.zeros(self.batch, k.shape[1], self.length, k.shape[3], dtype=dtype, device=device) for k in like.keys]
-        self.values = [torch.zeros(self.batch, v.shape[1], self.length, v.shape[3], dtype=dtype, device=device)
-                       for v in like.values]
+    def allocate(self, like: Prefilled, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Its buffers: the first `length` slots of the decoder's KV buffers (views), and its own small ones."""
+        device = like.keys[0].device
+        self.keys = [k[:, :, :self.length] for k in keys]
+        self.values = [v[:, :, :self.length] for v in values]
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.position = torch.zeros_like(like.next_position)
         self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
@@ -169,6 +172,9 @@ class _Step:
         self.top_p = torch.ones(1, device=device)
         self.cache = SlotCache(self.keys, self.values, self.slot)
         self.outputs: tuple[torch.Tensor, ...] = ()
+        if self.decoder.compiled:  # one compilation for every cache length
+            for tensor, dim in [(self.mask, 3), *((t, 2) for t in self.keys + self.values)]:
+                torch._dynamo.mark_dynamic(tensor, dim)
 
     def load(self, pre: Prefilled, first: torch.Tensor, params: SamplingParams) -> None:
         """Start a request: its prefill cache into the buffers, its mask, positions and first token."""
@@ -190,9 +196,7 @@ class _Step:
         """The step: open the slot, one token through the language model, pick the next, advance."""
         decoder = self.decoder
         self.mask.index_fill_(3, self.slot, 0.0)
-        out = decoder.language_model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
-                                     use_cache=True, **{decoder.cache_argument: self.cache})
-        logits = decoder.lm_head(out[0][:, -1])
+        logits = decoder.forward(self.token, self.mask, self.position, self.cache)
         tokens, chosen, top_ids, top_values = sample(logits, self.sampled, self.temperature, self.top_k, self.top_p, self.top_n)
         self.token.copy_(tokens[:, None])
         self.slot.add_(1)
@@ -227,7 +231,8 @@ class _Step:
 class StaticDecoder:
     """Decoding for one loaded model: prefill, then steps (see the module's docstring)."""
 
-    def __init__(self, model: torch.nn.Module, adapter: Any, device: torch.device, limit: int, graphs: bool = True):
+    def __init__(self, model: torch.nn.Module, adapter: Any, device: torch.device, limit: int, graphs: bool = True,
+                 compile: bool = False):
         self.model, self.adapter, self.device, self.limit = model, adapter, device, limit
         self.language_model = adapter.language_model()
         self.lm_head = adapter.lm_head()
@@ -237,10 +242,28 @@ class StaticDecoder:
         self.graphs = graphs and device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.steps: dict[tuple[int, int, bool, int], _Step] = {}
+        self.buffers: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # per batch size: keys, values
+        self.compiled = compile
+        # inductor fuses the norms, rotary embedding, residual adds and small ops of the step; the
+        # cache length is a dynamic dimension, so one compilation serves every length
+        self.forward = torch.compile(self.logits, fullgraph=False) if compile else self.logits
+        self.compile_failure: str | None = None
+        self.last_path = "static"  # how the latest request's steps ran (see `path`)
 
-    @property
-    def path(self) -> str:
-        return "cuda-graph" if self.graphs else "static"
+    def logits(self, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        """Next-token logits [B, vocab] of one token per row, writing its keys and values into `cache`."""
+        out = self.language_model(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
+                                  **{self.cache_argument: cache})
+        return self.lm_head(out[0][:, -1])
+
+    def uncompile(self, reason: str) -> None:
+        """Give up compilation (recorded) and run the step's modules as they are."""
+        self.compiled, self.forward, self.compile_failure = False, self.logits, reason
+
+    def path(self, step: _Step | None) -> str:
+        """How `step` runs: "cuda-graph" (captured) or "static" (eager), "+compiled" when inductor built it."""
+        base = "cuda-graph" if step is not None and step.graph is not None else "static"
+        return base + ("+compiled" if self.compiled else "")
 
     def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
         return prompt_tokens + new_tokens <= self.limit
@@ -288,10 +311,43 @@ class StaticDecoder:
         key = (batch, length, not params.greedy, top_n)
         step = self.steps.get(key)
         if step is None:
+            keys, values = self._buffers(pre, length)
             step = _Step(self, batch, length, not params.greedy, top_n)
-            step.allocate(pre)
+            step.allocate(pre, keys, values)
             self.steps[key] = step
         return step
+
+    def _buffers(self, pre: Prefilled, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The KV buffers for `pre`'s batch size, at least `length` slots long. One set is kept per
+        batch size (the last MAX_BATCH_SIZES used), shared by every cache length's step as views;
+        a longer need reallocates it (doubling, up to the limit) and drops the steps built on it."""
+        batch = pre.keys[0].shape[0]
+        held = self.buffers.pop(batch, None)
+        had = 0 if held is None else held[0][0].shape[2]
+        if held is not None and had < length:
+            self._drop(batch)
+            held = None
+        if held is None:
+            while len(self.buffers) >= MAX_BATCH_SIZES:
+                self._drop(next(iter(self.buffers)))
+            size = min(self.limit, max(length, 2 * had))
+            try:
+                held = ([pre.keys[0].new_zeros(batch, k.shape[1], size, k.shape[3]) for k in pre.keys],
+                        [pre.values[0].new_zeros(batch, v.shape[1], size, v.shape[3]) for v in pre.values])
+            except torch.OutOfMemoryError:
+                per_token = sum(k.shape[1] * k.shape[3] * k.element_size() for k in pre.keys + pre.values)
+                raise EdgelmmError(
+                    f"not enough device memory for a decode cache of {batch} x {size} tokens "
+                    f"({batch * size * per_token / 2**30:.2f} GiB)",
+                    "ask for fewer new tokens or a smaller batch, or load with options: {max_cache_tokens: N}") from None
+        self.buffers[batch] = held  # most recently used last
+        return held
+
+    def _drop(self, batch: int) -> None:
+        """Forget the buffers of one batch size and the steps (and graphs) that use them."""
+        self.buffers.pop(batch, None)
+        for key in [k for k in self.steps if k[0] == batch]:
+            del self.steps[key]
 
     @torch.inference_mode()
     def decode(self, pre: Prefilled, new_tokens: int, params: SamplingParams,
@@ -304,11 +360,19 @@ class StaticDecoder:
         top_k = torch.full((1,), params.top_k, dtype=torch.long, device=self.device)
         top_p = torch.full((1,), params.top_p, device=self.device)
         first = sample(pre.logits, not params.greedy, temperature, top_k, top_p, params.top_logprobs)
+        self.last_path = self.path(None)
         yield _host(first)
         if new_tokens <= 1 or stop():
             return
         step = self._step(pre, new_tokens, params)
         step.load(pre, first[0], params)
+        if self.compiled and step.graph is None and not step.warm:
+            try:  # the first call compiles; a failure leaves the eager modules, and says so
+                step.run()
+                step.warm = True
+            except Exception as exc:  # noqa: BLE001 - inductor's errors have no common type
+                self.uncompile(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            step.load(pre, first[0], params)
         if self.graphs and step.graph is None and step.failure is None:
             try:
                 step.capture()
@@ -318,6 +382,7 @@ class StaticDecoder:
                 step.graph = None
                 torch.cuda.synchronize(self.device)
                 step.load(pre, first[0], params)
+        self.last_path = self.path(step)
         remaining = new_tokens - 1
         if self.device.type != "cuda":
             for _ in range(remaining):

@@ -12,6 +12,7 @@ has gone away. Prompt log-probabilities come from one teacher-forced forward pas
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import platform
 import queue
@@ -42,6 +43,7 @@ OPTIONS = {
     # model, transformers' generate where not; "engine": the engine or an error; "generate": generate
     "decode": "auto",
     "cuda_graphs": True,  # with the engine on CUDA: capture each decode step once and replay it
+    "compile": "auto",  # torch.compile the decode step (inductor); "auto": on CUDA with Triton, not on a CPU
     "max_cache_tokens": None,  # the engine's longest prompt + new tokens; default: the profile's context, at most the model's
     "hardware": None,  # the profile whose engine.max_context bounds the cache; default: matched to the device
     # PyTorch SDPA kernels attention may use on CUDA, in order of preference. cuDNN's is left out by
@@ -142,6 +144,14 @@ def _sdpa_context(backends: str, device: torch.device) -> Any:
     return lambda: sdpa_kernel(chosen, set_priority=True)
 
 
+def _compile_wanted(option: Any, device: torch.device) -> bool:
+    if option == "auto":
+        return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if isinstance(option, bool):
+        return option
+    raise EdgelmmError(f"unknown compile setting '{option}' for the torch backend", "use auto, true or false")
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -180,7 +190,8 @@ class TorchBackend(Backend):
                 log.info("decoding %s with transformers' generate: %s", spec.display_name, reason)
             else:
                 limit = options["max_cache_tokens"] or default_limit(adapter, device, self._profile_context(options["hardware"]))
-                self.decoder = StaticDecoder(model, adapter, device, int(limit), graphs=bool(options["cuda_graphs"]))
+                self.decoder = StaticDecoder(model, adapter, device, int(limit), graphs=bool(options["cuda_graphs"]),
+                                             compile=_compile_wanted(options["compile"], device))
 
     def _profile_context(self, hardware: str | None) -> int | None:
         from edgelmm.hardware import guess_profile, load_profile
@@ -335,7 +346,8 @@ class TorchBackend(Backend):
     def _decode(self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock, rows: _Rows) -> str | None:
         """Generate every row's tokens into `rows`: through the decode engine where it serves the
         model and the request fits its cache, else through transformers' generate. Returns the
-        path taken ("cuda-graph", "static" or "generate"; None when nothing was generated)."""
+        path taken ("cuda-graph" or "static", with "+compiled" where inductor built the step, or
+        "generate"; None when nothing was generated)."""
         if not params.max_new_tokens:
             return None
         with self._attention():
@@ -350,8 +362,7 @@ class TorchBackend(Backend):
         for tokens, chosen, top in decoder.decode(prefilled, params.max_new_tokens, params, lambda: rows.finished):
             clock.stamps.append(time.perf_counter())
             rows.add(tokens, chosen if params.wants_logprobs else None, top if params.top_logprobs else None)
-        failure = next((s.failure for s in decoder.steps.values() if s.failure), None)
-        return "static" if failure or not decoder.graphs else "cuda-graph"
+        return decoder.last_path
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
