@@ -330,6 +330,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--ttft-requests", type=int, default=3)
+    parser.add_argument("--no-peers", action="store_true", help="the product's variants only")
     args = parser.parse_args()
     device = torch.device(args.device)
     cases = [c for c in case_list(args.tiny) if not args.cases or c["case"] in args.cases.split(",")]
@@ -350,6 +351,8 @@ def main() -> None:
             traceback.print_exc()
             continue
         for variant, options, methods in case["variants"]:
+            if args.no_peers and not variant.startswith("product"):
+                continue
             t0 = time.perf_counter()
             try:
                 record = measure_variant(case, variant, options, methods, path, args, lengths, bandwidth)
