@@ -17,7 +17,7 @@ load options (`decode`, `sdpa_backends`) or methods (`rtn(bits=4, group_size=128
   sampling step: what a user waits for), at fresh prompt lengths near 160 and 3,000 tokens (text
   cases) or for the image request (the VLM case, with the vision tower's share measured by CUDA
   events at its entry and exit);
-* the decode path each result reports, and for W4A16 the kernel chosen per layer shape and rows.
+* the decode path each result reports, and for W4A16 the decode kernel chosen per layer shape.
 
 Roofline: copy bandwidth measured in the same process (a 4 GiB device-to-device copy, bytes read
 + written over the time) divided by the model's resident weight bytes (`weight_bytes`).
@@ -280,8 +280,7 @@ def measure_variant(case: dict[str, Any], name: str, options: dict[str, Any], me
     record["compile_failure"] = getattr(decoder, "compile_failure", None)
     record["capture_failures"] = sorted({s.failure for s in (decoder.steps.values() if decoder else []) if s.failure})
     if methods and methods[0].startswith("rtn"):
-        record["kernels"] = {"x".join(map(str, k[:2])) + (f" rows<={k[6]}" if len(k) > 6 else " decode"): v
-                             for k, v in kernel_choices().items()}
+        record["kernels"] = {"x".join(map(str, k[:2])) + " decode": v for k, v in kernel_choices().items()}
     if clock:
         clock.remove()
     backend.close()

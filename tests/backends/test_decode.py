@@ -192,6 +192,18 @@ def test_cuda_graph_steps_equal_generate(paths, family):
 
 
 @CUDA
+def test_cuda_graphs_survive_the_cache_growing(paths):
+    """A longer request regrows the KV buffers and drops the steps captured on the old ones; the
+    steps captured after that are graphs too (each with its own memory pool)."""
+    engine = load(ModelSpec(path=str(paths["qwen2"]), device="cuda"))
+    request = requests(engine, 1)[0]
+    for tokens in (10, BUCKET + 10, 3 * BUCKET, 10):
+        [result] = engine.generate([request], SamplingParams(max_new_tokens=tokens))
+        assert result.decode_path == "cuda-graph+compiled"
+    assert not any(step.failure for step in engine.decoder.steps.values())
+
+
+@CUDA
 def test_cuda_bfloat16_stream_stop_and_pruning(paths):
     """bf16 on CUDA: within rounding of generate; a stream stopped early leaves the engine sound;
     pruning's smaller cache through the captured step."""

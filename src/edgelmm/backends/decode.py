@@ -215,7 +215,9 @@ class _Step:
         for tensor, value in zip((self.slot, self.position, self.token, self.mask), saved):
             tensor.copy_(value)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.decoder.pool):
+        # a memory pool of its own: steps are dropped (and their graphs freed) when buffers grow,
+        # and a pool shared with a freed graph cannot take new captures
+        with torch.cuda.graph(graph):
             self.outputs = self.run()
         for tensor, value in zip((self.slot, self.position, self.token, self.mask), saved):
             tensor.copy_(value)  # the capture ran the step once more: undo it
@@ -240,7 +242,6 @@ class StaticDecoder:
         self.cache_argument = "cache" if "cache" in forward else "past_key_values"
         self.mask_dtype = next(model.parameters()).dtype if next(model.parameters()).is_floating_point() else torch.float32
         self.graphs = graphs and device.type == "cuda"
-        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.steps: dict[tuple[int, int, bool, int], _Step] = {}
         self.buffers: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # per batch size: keys, values
         self.compiled = compile

@@ -60,18 +60,13 @@ def test_cuda_forward_matches_dequantize_and_matmul(rows: int, kernel: str) -> N
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels run on CUDA only")
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (4, True), (8, False)])
-@pytest.mark.parametrize("rows", [17, 100, 300])
-def test_cuda_prefill_kernels_match_and_are_reported(rows: int, bits: int, symmetric: bool) -> None:
-    import edgelmm.methods.quantization.gemm as gemm
-    from edgelmm.methods.quantization import kernel_choices
+@pytest.mark.parametrize("rows", [17, 300])
+def test_cuda_prefill_dequantizes_exactly(rows: int, bits: int, symmetric: bool) -> None:
+    import edgelmm.methods.quantization.dequant as dequant
 
     linear = nn.Linear(1024, 768, device="cuda", dtype=torch.bfloat16)
     layer = QuantLinear.from_linear(linear, bits, 128, symmetric)
+    assert torch.equal(dequant.dequantize(layer, torch.bfloat16), layer.dequantize(torch.bfloat16))
     x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
     reference = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
-    assert torch.equal(gemm.dequantize(layer, torch.bfloat16), layer.dequantize(torch.bfloat16))
-    for y in (gemm.linear(x, layer), layer(x)):
-        assert float((y.double() - reference).norm() / reference.norm()) < 1e-2
-    bucket = 1 << (rows - 1).bit_length()
-    choice = kernel_choices()[(768, 1024, bits, 128, symmetric, "cuda:0", bucket)]
-    assert choice["kernel"] in ("gemm", "dequant") and set(choice["us"]) == {"gemm", "dequant"}
+    assert float((layer(x).double() - reference).norm() / reference.norm()) < 1e-2

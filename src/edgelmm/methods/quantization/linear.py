@@ -8,9 +8,8 @@ tensors. `forward` picks the fastest path the machine has, at run time:
 * CUDA with Triton, few rows (decode, up to FUSED_MAX_ROWS): a fused Triton GEMV that reads the
   checkpoint's packed words and never materialises them in 16-bit (`kernel.py`: a split-K kernel
   for 4-bit, "splitk", and the older one-program-per-rows kernel, "triton");
-* CUDA with Triton, more rows (prefill): per number of rows (in powers of two), whichever of
-  `gemm.py`'s tiled W4A16 kernel ("gemm") and a one-kernel dequantize followed by cuBLAS
-  ("dequant") is faster for the layer's shape at that many rows, timed at the first such call;
+* CUDA with Triton, more rows (prefill): `dequant.py`'s one-kernel dequantize to the
+  activation dtype, then cuBLAS;
 * otherwise (CPU, no Triton): dequantize to the activation dtype and matmul, so the 16-bit
   weight exists only for the duration of one layer's call;
 * on request only (`set_cuda_kernel("tinygemm")`; 4-bit, bfloat16 scales, sm80+): torch's int4
@@ -21,7 +20,7 @@ tensors. `forward` picks the fastest path the machine has, at run time:
 `set_cuda_kernel("auto" | "tinygemm" | "splitk" | "triton")` picks the decode kernel: "auto"
 (the default) checks and times the packed-layout kernels on each new layer shape at batch 1
 (CUDA-graph replays) and keeps the fastest correct one. `kernel_choices()` tells what was chosen
-for decode and for each prefill size, with the times and errors: no kernel is used silently.
+for decode, with the times and errors: no kernel is used silently.
 """
 
 from __future__ import annotations
@@ -38,8 +37,7 @@ import edgelmm.methods.quantization.tinygemm as tinygemm
 FUSED_MAX_ROWS = 16
 CUDA_KERNELS = ("auto", "tinygemm", "splitk", "triton")
 _cuda_kernel = "auto"
-_choices: dict[tuple, dict] = {}  # (out, in, bits, group, symmetric, device[, rows]) -> {"kernel", "us", "rel_err"}
-PREFILL_KERNELS = ("gemm", "dequant")
+_choices: dict[tuple, dict] = {}  # (out, in, bits, group, symmetric, device) -> {"kernel", "us", "rel_err"}
 
 
 def set_cuda_kernel(name: str) -> None:
@@ -52,8 +50,7 @@ def set_cuda_kernel(name: str) -> None:
 
 
 def kernel_choices() -> dict[tuple, dict]:
-    """What was chosen per layer shape: {(out, in, bits, group, symmetric, device): decode choice,
-    (..., device, rows): prefill choice for up to `rows` rows}, each {"kernel", "us", "rel_err"}."""
+    """What "auto" chose per layer shape: {(out, in, bits, group, symmetric, device): {"kernel", "us", "rel_err"}}."""
     return dict(_choices)
 
 
@@ -255,35 +252,6 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
-    def _prefill_kernel(self, rows: int, x: torch.Tensor) -> str:
-        """"gemm" or "dequant" for `rows` rows (their power-of-two bucket), timed at first use."""
-        import edgelmm.methods.quantization.gemm as gemm
-
-        if not gemm.available(self):
-            return "torch"
-        bucket = 1 << max(rows - 1, 1).bit_length()
-        key = (self.out_features, self.in_features, self.bits, self.group_size, self.symmetric, str(x.device), bucket)
-        if key not in _choices:
-            if not _may_change_layout():
-                return "dequant"
-            _choices[key] = self._time_prefill(bucket, x)
-        return _choices[key]["kernel"]
-
-    def _time_prefill(self, rows: int, like: torch.Tensor) -> dict:
-        from triton.testing import do_bench
-
-        import edgelmm.methods.quantization.gemm as gemm
-
-        x = torch.randn(rows, self.in_features, device=like.device, dtype=like.dtype)
-        runs = {"gemm": lambda: gemm.linear(x, self), "dequant": lambda: F.linear(x, gemm.dequantize(self, x.dtype), self.bias)}
-        reference = F.linear(x.float(), self.dequantize(torch.float32), None if self.bias is None else self.bias.float())
-        us, errors = {}, {}
-        for name, run in runs.items():
-            errors[name] = float((run().float() - reference).norm() / reference.norm())
-            if errors[name] < 2e-2:
-                us[name] = do_bench(run, warmup=5, rep=10, return_mode="median") * 1e3
-        return {"kernel": min(us, key=us.get) if us else "torch", "us": us, "rel_err": errors}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and not self._settled and _may_change_layout():
             self.settle(x.device)
@@ -298,13 +266,10 @@ class QuantLinear(nn.Module):
             if self._cuda_choice != "dequant" and kernel.available(self):
                 return kernel.linear(x, self)
         elif x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            import edgelmm.methods.quantization.gemm as gemm
+            import edgelmm.methods.quantization.dequant as dequant
 
-            chosen = self._prefill_kernel(rows, x)
-            if chosen == "gemm":
-                return gemm.linear(x, self)
-            if chosen == "dequant":
-                return F.linear(x, gemm.dequantize(self, x.dtype), self.bias)
+            if dequant.available(self):
+                return F.linear(x, dequant.dequantize(self, x.dtype), self.bias)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
