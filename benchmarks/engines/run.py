@@ -1,5 +1,6 @@
-"""One model, three engines, the same requests: torch in process, our OpenAI server through the
-openai backend, and llama.cpp on the model's GGUF. TTFT, TPOT, decode tokens/s and peak memory
+"""One model, the same requests, four ways: torch in process (its decode engine, and transformers'
+`generate` for comparison), our OpenAI server through the openai backend, and llama.cpp on the
+model's GGUF. TTFT, TPOT, decode tokens/s and peak memory
 side by side (see README.md here for the command and the recorded results).
 
 Each engine runs in a process of its own so that its peak memory is its own: the resident set of
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("torch", "openai", "llamacpp")
+ENGINES = ("torch", "torch-generate", "openai", "llamacpp")  # torch-generate: options {decode: generate}
 
 
 def workload(kind: str, samples: int, seed: int) -> list[Any]:
@@ -76,8 +77,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from edgelmm import ModelSpec, load
 
     kinds = ["text"] if args.engine == "llamacpp" else ["text", "image"]
-    if args.engine == "torch":
-        with load(ModelSpec(path=args.model, device="cpu")) as backend:
+    if args.engine in ("torch", "torch-generate"):
+        options = {"decode": "generate"} if args.engine == "torch-generate" else {}
+        with load(ModelSpec(path=args.model, device="cpu", options=options)) as backend:
             return {"device": backend.device_name(), "runs": {k: measure(backend, k, args) for k in kinds}}
     if args.engine == "llamacpp":
         with load(ModelSpec(path=args.gguf, options={"n_threads": os.cpu_count()}), backend="llamacpp") as backend:
