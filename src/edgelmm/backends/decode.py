@@ -17,10 +17,12 @@ call of `_Step.run`: the language model's forward on one token per row, with
   race), with its log-probability and the most likely alternatives,
 
 so that nothing in a step waits for the host and its shapes never change: a new prompt length
-costs no new kernel plan. On CUDA the step is captured once per (batch, cache length, sampling
-kind) and replayed; the host reads each token one step behind the device (a pinned copy and an
-event), so the GPU always has the next step queued. On a CPU the same step runs eagerly, without
-transformers `generate`'s per-token machinery.
+costs no new kernel plan. The buffers are kept per batch size and viewed by every cache length's
+step. On CUDA the step is compiled by torch.compile (the cache length a dynamic dimension) and
+captured once per (batch, cache length, sampling kind) as a CUDA graph, then replayed; the host
+reads each token one step behind the device (a pinned copy and an event), so the GPU always has
+the next step queued. On a CPU the same step runs eagerly by default, without transformers
+`generate`'s per-token machinery.
 
 No model class is named: the language model, its lm_head and its image tokens come from the
 adapter. Models the step cannot serve exactly (sliding-window or hybrid attention, flash
