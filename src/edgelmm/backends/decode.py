@@ -32,7 +32,6 @@ attention's 2-D masks) are reported by `unsupported`, and the backend uses `gene
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,7 +157,7 @@ class _Step:
     values: list[torch.Tensor] = field(default_factory=list)
     graph: Any = None
     failure: str | None = None  # why CUDA-graph capture was given up (the step then runs eagerly)
-    warm: bool = False  # run once (compiled, when the decoder compiles)
+    warm: bool = False  # compiled and captured, where the decoder does (`_first_use`)
 
     def allocate(self, like: Prefilled, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Its buffers: the first `length` slots of the decoder's KV buffers (views), and its own small ones."""
@@ -209,21 +208,16 @@ class _Step:
         """Record the step as a CUDA graph (after warm-up runs that settle kernels and autotuning)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        saved = [t.clone() for t in (self.slot, self.position, self.token, self.mask)]
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.run()
         torch.cuda.current_stream().wait_stream(stream)
-        for tensor, value in zip((self.slot, self.position, self.token, self.mask), saved):
-            tensor.copy_(value)
         graph = torch.cuda.CUDAGraph()
         # a memory pool of its own: steps are dropped (and their graphs freed) when buffers grow,
         # and a pool shared with a freed graph cannot take new captures
         with torch.cuda.graph(graph):
             self.outputs = self.run()
-        for tensor, value in zip((self.slot, self.position, self.token, self.mask), saved):
-            tensor.copy_(value)  # the capture ran the step once more: undo it
-        self.graph = graph
+        self.graph = graph  # the runs above advanced the step's state: `load` it again before use
 
     def __call__(self) -> tuple[torch.Tensor, ...]:
         if self.graph is not None:
@@ -369,22 +363,9 @@ class StaticDecoder:
             return
         step = self._step(pre, new_tokens, params)
         step.load(pre, first[0], params)
-        if self.compiled and step.graph is None and not step.warm:
-            try:  # the first call compiles; a failure leaves the eager modules, and says so
-                step.run()
-                step.warm = True
-            except Exception as exc:  # noqa: BLE001 - inductor's errors have no common type
-                self.uncompile(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            step.load(pre, first[0], params)
-        if self.graphs and step.graph is None and step.failure is None:
-            try:
-                step.capture()
-                step.load(pre, first[0], params)
-            except RuntimeError as exc:  # a model whose step syncs with the host: run it eagerly
-                step.failure = str(exc).splitlines()[0]
-                step.graph = None
-                torch.cuda.synchronize(self.device)
-                step.load(pre, first[0], params)
+        if not step.warm:
+            self._first_use(step)
+            step.load(pre, first[0], params)  # the runs of the first use advanced the step
         self.last_path = self.path(step)
         remaining = new_tokens - 1
         if self.device.type != "cuda":
@@ -394,6 +375,23 @@ class StaticDecoder:
                     return
             return
         yield from self._pipelined(step, remaining, stop)
+
+    def _first_use(self, step: _Step) -> None:
+        """Compile the step (its first call) and capture it, where the decoder does; a failure of
+        either is recorded and leaves the step running without it."""
+        if self.compiled:
+            try:
+                step.run()
+            except Exception as exc:  # noqa: BLE001 - inductor's errors have no common type
+                self.uncompile(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        if self.graphs:
+            try:
+                step.capture()
+            except RuntimeError as exc:  # a model whose step syncs with the host: run it eagerly
+                step.failure = str(exc).splitlines()[0]
+                step.graph = None
+                torch.cuda.synchronize(self.device)
+        step.warm = True
 
     def _pipelined(self, step: _Step, count: int, stop: Callable[[], bool]) -> Iterator[Any]:
         """Keep one step queued on the GPU while the host reads the one before (pinned copies)."""
@@ -428,9 +426,3 @@ def _shapes(step: _Step) -> tuple[torch.Tensor, ...]:
 def _host(outputs: tuple[torch.Tensor, ...]) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
     tokens, chosen, top_ids, top_values = (t.tolist() for t in outputs)
     return tokens, chosen, [list(zip(i, v)) for i, v in zip(top_ids, top_values)]
-
-
-def default_limit(adapter: Any, device: torch.device, profile_context: int | None) -> int:
-    """Tokens a decode cache may hold: the hardware profile's engine context, at most the model's."""
-    trained = int(getattr(adapter.text_config, "max_position_embeddings", 0) or 0) or math.inf
-    return int(min(profile_context or 4096, trained))

@@ -26,7 +26,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result, Timings, TokenEvent, TokenScore, check_context
-from edgelmm.backends.decode import StaticDecoder, default_limit, unsupported
+from edgelmm.backends.decode import StaticDecoder, unsupported
 from edgelmm.backends.engines import engine_options
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError
@@ -189,15 +189,16 @@ class TorchBackend(Backend):
                 self.decode_fallback = reason
                 log.info("decoding %s with transformers' generate: %s", spec.display_name, reason)
             else:
-                limit = options["max_cache_tokens"] or default_limit(adapter, device, self._profile_context(options["hardware"]))
+                # the hardware profile's engine context, at most the model's (longer requests are refused anyway)
+                limit = options["max_cache_tokens"] or min(self._profile_context(options["hardware"]) or 4096,
+                                                           self.max_context or 4096)
                 self.decoder = StaticDecoder(model, adapter, device, int(limit), graphs=bool(options["cuda_graphs"]),
                                              compile=_compile_wanted(options["compile"], device))
 
     def _profile_context(self, hardware: str | None) -> int | None:
         from edgelmm.hardware import guess_profile, load_profile
 
-        profile = load_profile(hardware) if hardware else guess_profile(self.device.type if self.device.type == "cpu" else
-                                                                        str(self.device))
+        profile = load_profile(hardware) if hardware else guess_profile(str(self.device))
         return profile.engine.max_context if profile is not None else None
 
     def close(self) -> None:
