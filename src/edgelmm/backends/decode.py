@@ -208,16 +208,22 @@ class _Step:
         """Record the step as a CUDA graph (after warm-up runs that settle kernels and autotuning)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        state = (self.slot, self.position, self.token, self.mask)
+        saved = [t.clone() for t in state]
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.run()
         torch.cuda.current_stream().wait_stream(stream)
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)  # each run advanced the slot: the capture starts where the request is
         graph = torch.cuda.CUDAGraph()
         # a memory pool of its own: steps are dropped (and their graphs freed) when buffers grow,
         # and a pool shared with a freed graph cannot take new captures
         with torch.cuda.graph(graph):
             self.outputs = self.run()
-        self.graph = graph  # the runs above advanced the step's state: `load` it again before use
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)  # the capture ran the step once more: undo it
+        self.graph = graph
 
     def __call__(self) -> tuple[torch.Tensor, ...]:
         if self.graph is not None:
@@ -364,8 +370,7 @@ class StaticDecoder:
         step = self._step(pre, new_tokens, params)
         step.load(pre, first[0], params)
         if not step.warm:
-            self._first_use(step)
-            step.load(pre, first[0], params)  # the runs of the first use advanced the step
+            self._first_use(step, lambda: step.load(pre, first[0], params))
         self.last_path = self.path(step)
         remaining = new_tokens - 1
         if self.device.type != "cuda":
@@ -376,14 +381,16 @@ class StaticDecoder:
             return
         yield from self._pipelined(step, remaining, stop)
 
-    def _first_use(self, step: _Step) -> None:
+    def _first_use(self, step: _Step, reset: Callable[[], None]) -> None:
         """Compile the step (its first call) and capture it, where the decoder does; a failure of
-        either is recorded and leaves the step running without it."""
+        either is recorded and leaves the step running without it. `reset` reloads the request
+        after a run that advanced the step (a capture restores what it ran itself)."""
         if self.compiled:
             try:
                 step.run()
             except Exception as exc:  # noqa: BLE001 - inductor's errors have no common type
                 self.uncompile(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            reset()
         if self.graphs:
             try:
                 step.capture()
@@ -391,6 +398,7 @@ class StaticDecoder:
                 step.failure = str(exc).splitlines()[0]
                 step.graph = None
                 torch.cuda.synchronize(self.device)
+                reset()
         step.warm = True
 
     def _pipelined(self, step: _Step, count: int, stop: Callable[[], bool]) -> Iterator[Any]:
