@@ -39,7 +39,7 @@ def _spec(**fields: object):
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by bench and eval for a one-off run without a YAML file."""
-    p.add_argument("config", nargs="?", help="benchmark matrix YAML (configs/experiments/*.yaml)")
+    p.add_argument("config", nargs="?", help="benchmark matrix YAML, or a bundled one by name (demo, demo_gpu)")
     p.add_argument("--model", action="append", help="bundled name or local checkpoint dir (repeatable)")
     p.add_argument("--backend", action="append", help="engine (repeatable; default torch)")
     p.add_argument("--method", action="append", help="method spec, e.g. 'fastv(k=2,keep=0.25)' (repeatable)")
@@ -51,13 +51,20 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", help="hardware profile for roofline estimates (configs/hardware)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--out", help="output directory (results.jsonl, report.md, plots)")
+    p.add_argument("--out", help="output directory (results.jsonl, report.md, plots); "
+                   "default runs/<command>-<digest of the settings>, so the same command resumes there")
+    p.add_argument("--append", action="store_true",
+                   help="add to an output directory that holds cells measured with other settings")
 
 
-def _run_config(args: argparse.Namespace, default_out: str):
-    from edgelmm.bench.runner import bench_config_from_args
+def _run_config(args: argparse.Namespace, mode: str):
+    from edgelmm.bench.runner import bench_config_from_args, default_out
     from edgelmm.config import BenchConfig, load_yaml
 
+    for flag in ("samples", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise EdgelmmError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.config:
         config = load_yaml(args.config, BenchConfig)
         overrides = {
@@ -93,15 +100,15 @@ def _run_config(args: argparse.Namespace, default_out: str):
         )
     methods = _demo_calibration(config.methods, [m.path for m in config.models])
     config = config.model_copy(update={"methods": methods})
-    return config, Path(config.out or args.out or default_out)
+    return config, Path(config.out) if config.out else default_out(config, mode)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgelmm.bench.report import format_table
     from edgelmm.bench.runner import run_bench
 
-    config, out = _run_config(args, "runs/bench")
-    rows = run_bench(config, out, debug=args.debug)
+    config, out = _run_config(args, "bench")
+    rows = run_bench(config, out, debug=args.debug, append=args.append)
     print(format_table(rows))
     print(f"\nreport: {out / 'report.md'}")
     return 0
@@ -111,8 +118,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from edgelmm.bench.report import format_table
     from edgelmm.bench.runner import run_eval
 
-    config, out = _run_config(args, "runs/eval")
-    rows = run_eval(config, out, debug=args.debug)
+    config, out = _run_config(args, "eval")
+    rows = run_eval(config, out, debug=args.debug, append=args.append)
     print(format_table(rows, accuracy_only=True))
     print(f"\nresults: {out / 'results.jsonl'}")
     return 0
@@ -123,12 +130,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edgelmm.bench.runner import run_bench
     from edgelmm.config import CONFIGS_DIR, BenchConfig, load_yaml
 
+    if args.samples < 1:
+        raise EdgelmmError(f"--samples must be at least 1, got {args.samples}")
     config = load_yaml(CONFIGS_DIR / "experiments" / "demo.yaml", BenchConfig)
     tasks = [t.model_copy(update={"samples": args.samples}) for t in config.tasks]
     config = config.model_copy(update={"tasks": tasks, "device": args.device})
     out = Path(args.out)
-    print(f"edgelmm demo: {', '.join(m.path for m in config.models)} on {config.tasks[0].name}, "
-          f"{config.tasks[0].samples} samples, device {config.device}")
+    print(f"edgelmm demo: {', '.join(m.path for m in config.models)} on {', '.join(t.name for t in config.tasks)}, "
+          f"{args.samples} samples each, device {config.device}")
     rows = run_bench(config, out, debug=args.debug)
     print(format_table(rows))
     print(f"\nreport: {out / 'report.md'}  (plots beside it; rerun with a new --out to measure again)")
@@ -274,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("bench", "eval"):
             _add_run_args(p)
         elif name == "demo":
-            p.add_argument("--samples", type=int, default=32, help="shapes-vqa samples per model")
+            p.add_argument("--samples", type=int, default=32, help="samples per task and model")
             p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
             p.add_argument("--out", default=DEMO_OUT)
         elif name == "plan":

@@ -159,6 +159,7 @@ class TaskSpec(Schema):
     samples: int | None = Field(None, ge=1)
     path: str | None = None  # for file-based tasks
     seed: int = 0
+    max_new_tokens: int | None = Field(None, ge=1)  # this task's answer limit; default the task's own, else sampling's
 
 
 class BenchConfig(Schema):
@@ -231,8 +232,23 @@ def validate(schema: type[S], data: Any, source: str) -> S:
         ) from None
 
 
-def load_yaml(path: str | Path, schema: type[S]) -> S:
+def bundled_config(path: str | Path, kind: str = "experiments") -> Path:
+    """`path` if it is a file; else the bundled config it names, from any directory: a bare name
+    ('demo'), or a path as written in the repository ('configs/experiments/demo.yaml')."""
     path = Path(path)
+    if path.is_file():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    candidates = [CONFIGS_DIR.joinpath(*parts), CONFIGS_DIR / kind / path.name, CONFIGS_DIR / kind / f"{path.name}.yaml"]
+    found = next((c for c in candidates if parts and c.is_file()), None)
+    if found is None:
+        names = sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.yaml"))
+        raise EdgelmmError(f"config file not found: {path}", f"check the path; bundled {kind} configs: {', '.join(names)}")
+    return found
+
+
+def load_yaml(path: str | Path, schema: type[S]) -> S:
+    path = bundled_config(path) if schema is BenchConfig else Path(path)
     if not path.is_file():
         raise EdgelmmError(f"config file not found: {path}", "check the path")
     try:

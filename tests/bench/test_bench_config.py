@@ -23,7 +23,7 @@ def test_yaml_wrong_type_names_file_and_key(tmp_path):
 def test_shipped_experiment_configs_load(name):
     config = load_yaml(CONFIGS_DIR / "experiments" / name, BenchConfig)
     assert [m.path for m in config.models] == ["shapes-vlm-s", "shapes-vlm-l"]
-    assert [t.name for t in config.tasks] == ["shapes-vqa"]
+    assert [t.name for t in config.tasks] == ["shapes-vqa", "shapes-caption"]
     assert config.device == ("cuda" if "gpu" in name else "cpu")
 
 

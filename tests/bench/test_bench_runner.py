@@ -141,3 +141,59 @@ def test_resume_after_kill_skips_finished_cells(tiny_llava, tmp_path, monkeypatc
     calls.clear()
     assert run_bench(config(tiny_llava, tasks=["shapes-vqa", "shapes-caption"]), out, progress=False) == rows
     assert calls == []  # everything finished: nothing loads, nothing runs
+
+
+def test_a_folder_with_results_of_other_settings_is_refused_unless_appending(tiny_llava, tmp_path):
+    """Resume must never pass off a float32, batch-1 result as the answer to a bfloat16, batch-4 run."""
+    first = run_bench(config(tiny_llava), tmp_path, progress=False)
+    with pytest.raises(EdgelmmError, match=r"already holds tiny-llava / torch / none / shapes-vqa measured with other "
+                                           r"settings \(batch_size 1 -> 2\).*--append"):
+        run_bench(config(tiny_llava, batch_size=2), tmp_path, progress=False)
+    longer = config(tiny_llava).model_copy(update={"sampling": config(tiny_llava).sampling.model_copy(update={"max_new_tokens": 4})})
+    with pytest.raises(EdgelmmError, match="other settings"):
+        run_bench(longer, tmp_path, progress=False)
+    assert len(lines(tmp_path / "results.jsonl")) == 1
+    both = run_bench(config(tiny_llava, batch_size=2), tmp_path, progress=False, append=True)
+    assert both[0]["batch_size"] == 2 and both[0]["settings"] != first[0]["settings"]
+    assert len(lines(tmp_path / "results.jsonl")) == 2
+    assert run_bench(config(tiny_llava), tmp_path, progress=False) == first  # its own settings still resume
+
+
+def test_runs_without_an_out_folder_do_not_share_one():
+    from edgelmm.bench.runner import default_out
+
+    base = config("shapes-vlm-s")
+    assert default_out(base, "bench") == default_out(config("shapes-vlm-s"), "bench")
+    assert default_out(base, "bench") != default_out(config("shapes-vlm-s", batch_size=4), "bench")
+    assert default_out(base, "bench") != default_out(base, "eval") and default_out(base, "bench").parent == Path("runs")
+
+
+def test_tasks_bring_their_own_answer_limit_unless_the_user_sets_one():
+    from edgelmm.bench.runner import plan_cells
+
+    def limits(cfg):
+        return {c.task.name: c.sampling.max_new_tokens for c in plan_cells(cfg)}
+
+    both = ["shapes-vqa", "shapes-caption"]
+    assert limits(bench_config_from_args("m", tasks=both, samples=1)) == {"shapes-vqa": 24, "shapes-caption": 64}
+    assert limits(bench_config_from_args("m", tasks=both, samples=1, max_new_tokens=5)) == {"shapes-vqa": 5, "shapes-caption": 5}
+    per_task = bench_config_from_args("m", tasks=both, samples=1, max_new_tokens=5)
+    per_task = per_task.model_copy(update={"tasks": [per_task.tasks[0], per_task.tasks[1].model_copy(update={"max_new_tokens": 40})]})
+    assert limits(per_task) == {"shapes-vqa": 5, "shapes-caption": 40}
+
+
+def test_answers_cut_at_the_limit_are_reported(tiny_llava, tmp_path, capsys):
+    (row,) = run_eval(config(tiny_llava, tasks=["shapes-caption"], samples=4), tmp_path, progress=False)
+    cut = sum(s["finish_reason"] == "length" for s in lines(tmp_path / row["samples_file"]))
+    assert cut > 2, "the random tiny model should ramble past 3 tokens"
+    assert f"{cut} of 4 answers of tiny-llava / torch / none / shapes-caption stopped at max_new_tokens=3" in capsys.readouterr().err
+
+
+def test_bundled_experiment_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    from edgelmm.config import BenchConfig, load_yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert load_yaml("configs/experiments/demo.yaml", BenchConfig).name == "demo"
+    assert load_yaml("demo", BenchConfig).name == "demo"
+    with pytest.raises(EdgelmmError, match="config file not found: nope.*bundled experiments configs: demo"):
+        load_yaml("nope", BenchConfig)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from statistics import fmean
 from typing import Any
 
+MIN_DECODE_STEPS = 100  # fewer decode steps than this give no decode tok/s or TPOT: one slow step would swing them
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0..100) with linear interpolation between ranks, as numpy's default;
@@ -37,7 +39,9 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     decode_tok_s pools every request: tokens after the first over the time they took, so long
     answers weigh more than short ones, as they do for a user waiting on them. With batching
     that is the speed of one sequence; throughput_tok_s (all generated tokens over the wall time
-    of the generate calls, prefill included) shows what the batch gains.
+    of the generate calls, prefill included) shows what the batch gains. decode_steps counts the
+    decode steps behind decode_tok_s and tpot_p50_s; with fewer than MIN_DECODE_STEPS both are
+    None (short answers measure prefill, not decode).
     """
     if not rows:
         raise ValueError("no rows to summarize")
@@ -51,13 +55,15 @@ def summarize(rows: Sequence[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     generated = sum(r["generated_tokens"] for r in rows)
     peaks = [r["peak_memory_bytes"] for r in rows if r["peak_memory_bytes"] is not None]
     ttft = [r["ttft_s"] for r in rows]
+    decoded = decode_tokens >= MIN_DECODE_STEPS
     return {
         "accuracy": fmean(r["score"] for r in first),
         "accuracy_by_kind": {k: fmean(v) for k, v in sorted(by_kind.items())} or None,
         "ttft_p50_s": percentile(ttft, 50),
         "ttft_p90_s": percentile(ttft, 90),
-        "tpot_p50_s": percentile([r["tpot_s"] for r in rows if r["tpot_s"] is not None], 50),
-        "decode_tok_s": decode_tokens / decode_time if decode_time > 0 else None,
+        "tpot_p50_s": percentile([r["tpot_s"] for r in rows if r["tpot_s"] is not None], 50) if decoded else None,
+        "decode_tok_s": decode_tokens / decode_time if decoded and decode_time > 0 else None,
+        "decode_steps": decode_tokens,
         "throughput_tok_s": generated / wall_s if wall_s > 0 else None,
         "e2e_p50_s": percentile([r["e2e_s"] for r in rows], 50),
         "peak_memory_bytes": max(peaks) if peaks else None,

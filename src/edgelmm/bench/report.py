@@ -54,6 +54,7 @@ BENCH_COLUMNS: list[Column] = [
     Column("TTFT p90 ms", _num("ttft_p90_s", 1e3)),
     Column("TPOT p50 ms", _num("tpot_p50_s", 1e3, 2)),
     Column("decode tok/s", _num("decode_tok_s")),
+    Column("decode steps", _text("decode_steps")),
     Column("roofline tok/s", _num("roofline_decode_tok_s")),
     Column("e2e p50 ms", _num("e2e_p50_s", 1e3)),
     Column("peak MiB", _num("peak_memory_bytes", 2**-20, 0)),

@@ -4,8 +4,16 @@ Each finished cell is appended atomically to `results.jsonl` (its per-sample out
 `samples/<cell>.jsonl` first), and the report is rebuilt after it. A rerun into the same folder
 skips every cell whose key is already there, so a run killed at any moment resumes and loses at
 most the cell it was in. The key is (mode, model, backend, method, task, samples, seed,
-device_type): device_type is the requested device with "auto" resolved ("cpu" / "cuda"), known
-before any model loads, so a finished cell costs nothing on resume.
+device_type, settings): device_type is the requested device with "auto" resolved ("cpu" /
+"cuda"), known before any model loads, so a finished cell costs nothing on resume; settings is a
+digest of everything else that changes a result (checkpoint path, dtype, engine options, every
+method, task file, batch size, warm-up, repeats, sampling). A folder that holds a cell made with
+other settings is refused (`append=True` keeps both), so a rerun never passes off old numbers
+as new ones.
+
+Each cell decodes with the benchmark's sampling, except that a task may ask for a longer answer
+limit (`Task.max_new_tokens`) when the user set none; a cell where more than a few answers hit
+the limit says so, since their scores are then cut.
 
 Everything that can be checked before loading a model is checked first (backends, methods,
 task files, hardware profile, duplicate cells), so a typo fails in a second, not after an hour.
@@ -32,7 +40,7 @@ from tqdm import tqdm
 from edgelmm.backends.base import Backend, Request, Result
 from edgelmm.bench.metrics import summarize
 from edgelmm.bench.report import RESULTS, read_results, write_report
-from edgelmm.config import BenchConfig, HardwareProfile, ModelSpec, validate
+from edgelmm.config import BenchConfig, HardwareProfile, ModelSpec, SamplingParams, TaskSpec, validate
 from edgelmm.errors import EdgelmmError
 from edgelmm.methods.quantization import AWQConfig, QuantConfig
 from edgelmm.registry import BACKENDS, TASKS
@@ -40,8 +48,9 @@ from edgelmm.tasks import Task, TaskSample, get_task
 from edgelmm.utils.device import device_type
 from edgelmm.utils.io import append_jsonl, atomic_write_text
 
-KEY_FIELDS = ("mode", "model", "backend", "method", "task", "samples", "seed", "device_type")
+KEY_FIELDS = ("mode", "model", "backend", "method", "task", "samples", "seed", "device_type", "settings")
 SAMPLES_DIR = "samples"
+LIMIT_WARN_SHARE = 0.05  # warn when more answers than this (and more than two) stop at max_new_tokens
 
 
 @dataclass
@@ -56,11 +65,22 @@ class Cell:
     seed: int
     samples: list[TaskSample]
     device_type: str
+    sampling: SamplingParams
+    settings_detail: dict[str, Any]  # what the settings digest covers, readable
+
+    @property
+    def settings(self) -> str:
+        return hashlib.sha1(json.dumps(self.settings_detail, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        """The key without the settings: which point of the matrix this is."""
+        return (self.mode, self.model.display_name, self.backend, str(self.method), self.task.label,
+                len(self.samples), self.seed, self.device_type)
 
     @property
     def key(self) -> tuple[Any, ...]:
-        return (self.mode, self.model.display_name, self.backend, str(self.method), self.task.label,
-                len(self.samples), self.seed, self.device_type)
+        return (*self.identity, self.settings)
 
     @property
     def label(self) -> str:
@@ -77,6 +97,24 @@ def record_key(record: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(record.get(k) for k in KEY_FIELDS)
 
 
+def _settings_detail(model: ModelSpec, task: Task, sampling: SamplingParams, config: BenchConfig) -> dict[str, Any]:
+    return {
+        "model_path": model.path, "dtype": model.dtype, "options": model.options,
+        "trust_remote_code": model.trust_remote_code, "attn_implementation": model.attn_implementation,
+        "methods": [str(m) for m in model.methods], "task_path": str(task.path) if task.path else None,
+        "batch_size": config.batch_size, "warmup": config.warmup, "repeats": config.repeats,
+        "sampling": sampling.model_dump(),
+    }
+
+
+def cell_sampling(config: BenchConfig, spec: TaskSpec, task: Task) -> SamplingParams:
+    """The benchmark's sampling with the answer limit set for the task (`TaskSpec.max_new_tokens`),
+    else the one set for the whole benchmark, else the task's own, else the default."""
+    user_set = "sampling" in config.model_fields_set and "max_new_tokens" in config.sampling.model_fields_set
+    limit = spec.max_new_tokens or (None if user_set else task.max_new_tokens)
+    return config.sampling if limit is None else config.sampling.model_copy(update={"max_new_tokens": limit})
+
+
 # ---------------------------------------------------------------- planning
 
 
@@ -91,7 +129,7 @@ def plan_cells(config: BenchConfig, mode: str = "bench") -> list[Cell]:
     tasks = []
     for spec in config.tasks:
         task = get_task(spec)
-        tasks.append((task, spec.seed, task.samples(spec.samples or config.samples, spec.seed)))
+        tasks.append((task, spec, task.samples(spec.samples or config.samples, spec.seed)))
     cells = []
     for model in config.models:
         device = config.device if config.device != "auto" else model.device
@@ -99,19 +137,47 @@ def plan_cells(config: BenchConfig, mode: str = "bench") -> list[Cell]:
         for backend in config.backends:
             for method in config.methods:
                 spec = model.model_copy(update={"methods": [*model.methods, method], "device": device, "dtype": dtype})
-                cells += [
-                    Cell(mode, spec, backend, method, task, seed, samples, device_type(device))
-                    for task, seed, samples in tasks
-                ]
+                for task, task_spec, samples in tasks:
+                    sampling = cell_sampling(config, task_spec, task)
+                    cells.append(Cell(mode, spec, backend, method, task, task_spec.seed, samples, device_type(device),
+                                      sampling, _settings_detail(spec, task, sampling, config)))
     seen: set[tuple[Any, ...]] = set()
     for cell in cells:
-        if cell.key in seen:
+        if cell.identity in seen:
             raise EdgelmmError(
                 f"two cells of the matrix are the same: {cell.label}",
                 "give models distinct 'name's and list each task, backend and method once",
             )
-        seen.add(cell.key)
+        seen.add(cell.identity)
     return cells
+
+
+def _changed(old: dict[str, Any], cell: Cell) -> str:
+    """Which settings an earlier record of this cell was made with, where they differ from now."""
+    before = old.get("settings_detail") or {}
+    diffs = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in cell.settings_detail.items() if before.get(k) != v]
+    return "; ".join(diffs[:3]) or "settings recorded by an older edgelmm"
+
+
+def check_out_dir(cells: Sequence[Cell], records: Sequence[dict[str, Any]], out: Path) -> None:
+    """Refuse a folder holding a cell of this matrix measured with other settings."""
+    keys = {record_key(r) for r in records}
+    for cell in cells:
+        if cell.key in keys:
+            continue
+        old = next((r for r in records if record_key(r)[: len(cell.identity)] == cell.identity), None)
+        if old is not None:
+            raise EdgelmmError(
+                f"{out} already holds {cell.label} measured with other settings ({_changed(old, cell)})",
+                "write to a new --out, or pass --append to keep both results in this folder",
+            )
+
+
+def default_out(config: BenchConfig, mode: str) -> Path:
+    """runs/<mode>-<digest of the config>: the same command resumes in the same folder, and a
+    different experiment never lands in it."""
+    digest = hashlib.sha1(config.model_dump_json(exclude={"out"}).encode()).hexdigest()[:8]
+    return Path("runs") / f"{config.name if config.name != 'bench' else mode}-{digest}"
 
 
 # ---------------------------------------------------------------- hardware and roofline
@@ -177,8 +243,8 @@ def _row(repeat: int, sample: TaskSample, result: Result, task: Task) -> dict[st
     }
 
 
-def _generate(backend: Backend, batch: Sequence[TaskSample], config: BenchConfig) -> list[Result]:
-    results = backend.generate([Request.chat(s.prompt, s.images, id=s.id) for s in batch], config.sampling)
+def _generate(backend: Backend, batch: Sequence[TaskSample], sampling: SamplingParams) -> list[Result]:
+    results = backend.generate([Request.chat(s.prompt, s.images, id=s.id) for s in batch], sampling)
     if len(results) != len(batch):
         raise EdgelmmError(f"backend '{backend.name}' returned {len(results)} results for {len(batch)} requests")
     return results
@@ -192,7 +258,7 @@ def _measure(backend: Backend, cell: Cell, config: BenchConfig, progress: bool) 
     """Warm-up (not kept), then every sample `repeats` times; returns the rows and generate wall time."""
     warmup = [cell.samples[i % len(cell.samples)] for i in range(config.warmup)]
     for batch in _batches(warmup, config.batch_size):
-        _generate(backend, batch, config)
+        _generate(backend, batch, cell.sampling)
     rows: list[dict[str, Any]] = []
     wall_s = 0.0
     total = len(cell.samples) * config.repeats
@@ -200,7 +266,7 @@ def _measure(backend: Backend, cell: Cell, config: BenchConfig, progress: bool) 
         for repeat in range(config.repeats):
             for batch in _batches(cell.samples, config.batch_size):
                 start = time.perf_counter()
-                results = _generate(backend, batch, config)
+                results = _generate(backend, batch, cell.sampling)
                 wall_s += time.perf_counter() - start
                 rows += [_row(repeat, s, r, cell.task) for s, r in zip(batch, results)]
                 bar.update(len(batch))
@@ -237,7 +303,7 @@ def _record(cell: Cell, config: BenchConfig, backend: Backend, rows: list[dict[s
         "device": backend.device_name(), "device_type": cell.device_type, "dtype": cell.model.dtype,
         "hardware": hardware.name if hardware else None,
         "batch_size": config.batch_size, "warmup": config.warmup, "repeats": config.repeats,
-        "sampling": config.sampling.model_dump(),
+        "sampling": cell.sampling.model_dump(), "settings": cell.settings, "settings_detail": cell.settings_detail,
         **summary,
         "roofline_decode_tok_s": _roofline(cell, hardware, context) if cell.mode == "bench" else None,
         "started_at": started_at, "finished_at": _now(),
@@ -254,13 +320,24 @@ def _fail(cell: Cell, message: str, hint: str | None, resumable: bool) -> Edgelm
     return EdgelmmError(f"cell {cell.label} failed: {message}", "; ".join(h for h in (hint, resume) if h) or None)
 
 
-def _run(config: BenchConfig, out_dir: str | Path | None, mode: str, progress: bool, debug: bool) -> list[dict[str, Any]]:
+def _warn_cut(cell: Cell, rows: Sequence[dict[str, Any]]) -> None:
+    cut = sum(r["finish_reason"] == "length" for r in rows)
+    if cut > max(2, LIMIT_WARN_SHARE * len(rows)):
+        tqdm.write(f"edgelmm: warning: {cut} of {len(rows)} answers of {cell.label} stopped at max_new_tokens="
+                   f"{cell.sampling.max_new_tokens}: their scores are cut; raise --max-new-tokens", file=sys.stderr)
+
+
+def _run(config: BenchConfig, out_dir: str | Path | None, mode: str, progress: bool, debug: bool,
+         append: bool) -> list[dict[str, Any]]:
     import torch
 
-    out = Path(out_dir or config.out or f"runs/{config.name}")
+    out = Path(out_dir or config.out or default_out(config, mode))
     cells = plan_cells(config, mode)
     hardware = {t: _hardware(config, t) for t in {c.device_type for c in cells}}
-    done = {record_key(r): r for r in read_results(out)}
+    earlier = read_results(out)
+    if not append:
+        check_out_dir(cells, earlier, out)
+    done = {record_key(r): r for r in earlier}
     records: dict[tuple[Any, ...], dict[str, Any]] = {}
     # Cells of one (model, backend, method) share one load; cells finished earlier need none.
     for _, group in groupby(cells, key=lambda c: (c.model.display_name, c.backend, str(c.method))):
@@ -281,6 +358,7 @@ def _run(config: BenchConfig, out_dir: str | Path | None, mode: str, progress: b
                 for cell in pending:
                     started_at = _now()
                     rows, wall_s = _measure(backend, cell, config, progress)
+                    _warn_cut(cell, rows)
                     samples_file = f"{SAMPLES_DIR}/{cell.file_stem}.jsonl"
                     atomic_write_text(out / samples_file, "".join(json.dumps(r) + "\n" for r in rows))
                     record = _record(cell, config, backend, rows, wall_s, hardware[cell.device_type], started_at, samples_file)
@@ -297,19 +375,23 @@ def _run(config: BenchConfig, out_dir: str | Path | None, mode: str, progress: b
     return [records[c.key] for c in cells]
 
 
-def run_bench(config: BenchConfig, out_dir: str | Path | None = None, progress: bool = True, debug: bool = False) -> list[dict[str, Any]]:
+def run_bench(config: BenchConfig, out_dir: str | Path | None = None, progress: bool = True, debug: bool = False,
+              append: bool = False) -> list[dict[str, Any]]:
     """Measure every cell of the matrix (resuming from `out_dir`); returns one record per cell.
 
-    `out_dir` defaults to config.out, then runs/<config.name>. Records are in matrix order and
-    include cells finished by an earlier run. A cell failing with an EdgelmmError (or running
-    out of memory) stops the run with one line naming the cell; finished cells stay.
+    `out_dir` defaults to config.out, then `default_out` (runs/<name>-<digest of the config>).
+    Records are in matrix order and include cells finished by an earlier run with the same
+    settings; a folder holding a cell measured with other settings is refused unless `append`.
+    A cell failing with an EdgelmmError (or running out of memory) stops the run with one line
+    naming the cell; finished cells stay.
     """
-    return _run(config, out_dir, "bench", progress, debug)
+    return _run(config, out_dir, "bench", progress, debug, append)
 
 
-def run_eval(config: BenchConfig, out_dir: str | Path | None = None, progress: bool = True, debug: bool = False) -> list[dict[str, Any]]:
+def run_eval(config: BenchConfig, out_dir: str | Path | None = None, progress: bool = True, debug: bool = False,
+             append: bool = False) -> list[dict[str, Any]]:
     """Accuracy over the same tasks through the same code path: no warm-up, one repeat, no roofline."""
-    return _run(config.model_copy(update={"warmup": 0, "repeats": 1}), out_dir, "eval", progress, debug)
+    return _run(config.model_copy(update={"warmup": 0, "repeats": 1}), out_dir, "eval", progress, debug, append)
 
 
 def bench_config_from_args(

@@ -39,6 +39,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     needs_path: ClassVar[bool] = False  # file-based tasks read their samples from `path`
+    max_new_tokens: ClassVar[int | None] = None  # the answer limit the task needs, where the user sets none
 
     def __init__(self, path: str | Path | None = None):
         if self.needs_path and path is None:

@@ -42,3 +42,4 @@ class ShapesCaption(_ShapesTask):
 
     name = "shapes-caption"
     world_task = "caption"
+    max_new_tokens = 64  # the longest caption is 32 tokens and its end token; 24 cut a quarter of them
