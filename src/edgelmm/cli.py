@@ -44,6 +44,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", action="append", help="engine (repeatable; default torch)")
     p.add_argument("--method", action="append", help="method spec, e.g. 'fastv(k=2,keep=0.25)' (repeatable)")
     p.add_argument("--task", action="append", help="task name (repeatable; default shapes-vqa)")
+    p.add_argument("--base-url", help="the server's API root for --backend openai, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--task-file", help="JSONL file for the vqa-jsonl / mc-jsonl tasks")
     p.add_argument("--samples", type=int, help="samples per task")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
@@ -55,6 +56,17 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "default runs/<command>-<digest of the settings>, so the same command resumes there")
     p.add_argument("--append", action="store_true",
                    help="add to an output directory that holds cells measured with other settings")
+
+
+def _with_base_url(config, base_url: str | None) -> list:
+    """The models with --base-url as the openai backend's server address."""
+    if base_url is None:
+        return config.models
+    if "openai" not in config.backends:
+        raise EdgelmmError("--base-url is the openai backend's server address, and no --backend openai is run",
+                           "add --backend openai (the model name is what the server serves)")
+    return [m.model_copy(update={"options": {**m.options, "openai": {**m.options.get("openai", {}), "base_url": base_url}}})
+            for m in config.models]
 
 
 def _run_config(args: argparse.Namespace, mode: str):
@@ -99,7 +111,7 @@ def _run_config(args: argparse.Namespace, mode: str):
             out=args.out,
         )
     methods = _demo_calibration(config.methods, [m.path for m in config.models])
-    config = config.model_copy(update={"methods": methods})
+    config = config.model_copy(update={"methods": methods, "models": _with_base_url(config, args.base_url)})
     return config, Path(config.out) if config.out else default_out(config, mode)
 
 
@@ -187,13 +199,21 @@ def _options(pairs: list[str] | None) -> dict[str, object]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from edgelmm.serve import Limits, run_server
+    from edgelmm.serve.server import check_address
 
+    for flag in ("max_tokens", "max_context", "max_batch_size", "max_body_mb", "max_image_mb", "max_connections",
+                 "body_timeout_s"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise EdgelmmError(f"--{flag.replace('_', '-')} must be positive, got {value:g}")
+    check_address(args.host, args.port)  # before the model loads: a port in use fails in a second
     spec = _spec(path=args.model, device=args.device, dtype=args.dtype, methods=args.method or [], options=_options(args.option))
     limits = Limits(
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
         max_tokens=args.max_tokens, max_context=args.max_context, max_batch_size=args.max_batch_size,
+        max_connections=args.max_connections, body_timeout_s=args.body_timeout_s,
     )
-    run_server(spec, args.backend, args.host, args.port, args.api_key, args.allow_local_files, limits,
+    run_server(spec, args.backend, args.host, args.port, args.api_key, args.allowed_local_media_path, limits,
                args.served_model_name, "debug" if args.debug else "info")
     return 0
 
@@ -303,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--api-key", default=os.environ.get("EDGELMM_API_KEY"),
                            help="require 'Authorization: Bearer KEY' on every route but /health (default $EDGELMM_API_KEY)")
             p.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
-            p.add_argument("--allow-local-files", action="store_true", help="accept local file paths as image URLs")
+            p.add_argument("--allowed-local-media-path", metavar="DIR",
+                           help="accept local paths / file:// URLs as images, from this folder only")
             p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
             p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
             p.add_argument("--max-tokens", type=int, default=1024, help="most tokens one request may generate")
@@ -311,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-batch-size", type=int, default=8, help="waiting requests run together")
             p.add_argument("--max-body-mb", type=float, default=20.0)
             p.add_argument("--max-image-mb", type=float, default=10.0)
+            p.add_argument("--max-connections", type=int, default=64, help="open connections at once; more get 503")
+            p.add_argument("--body-timeout-s", type=float, default=30.0, help="drop a request body that stalls this long")
         elif name == "export":
             formats = p.add_subparsers(dest="format", required=True)
             gguf = formats.add_parser("gguf", help="the language model of a Llama/Qwen2-family checkpoint, for llama.cpp")

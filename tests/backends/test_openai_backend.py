@@ -158,3 +158,63 @@ def test_busy_server_is_retried(tmp_path):
         metrics = httpx.get(server.url + "/metrics").text
         assert 'edgelmm_requests_total{route="/v1/chat/completions",status="503"} 3' in metrics  # 1 try + 2 retries
     engine.close()
+
+
+def test_every_sampler_is_sent_so_server_defaults_never_decide(served, monkeypatch):
+    """llama.cpp's server samples with top_k 40, min_p 0.05 and (older) repeat penalty 1.1 unless told."""
+    server, _ = served
+    sent = []
+    with remote(server) as backend:
+        post = backend.client.stream
+        monkeypatch.setattr(backend.client, "stream", lambda method, route, json: sent.append(json) or post(method, route, json=json))
+        backend.generate([Request.chat("Hello!")], SamplingParams(max_new_tokens=2))
+    assert {k: sent[0][k] for k in ("top_k", "min_p", "repetition_penalty", "repeat_penalty", "presence_penalty",
+                                    "frequency_penalty", "temperature", "top_p")} == {
+        "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "repeat_penalty": 1.0, "presence_penalty": 0.0,
+        "frequency_penalty": 0.0, "temperature": 0.0, "top_p": 1.0}
+
+
+def test_a_stream_without_usage_gives_unknown_prompt_tokens(served, monkeypatch):
+    from edgelmm.backends import openai_backend
+
+    server, _ = served
+    real = openai_backend.request_body
+
+    def no_usage(*args, **kwargs):
+        route, body = real(*args, **kwargs)
+        body.pop("stream_options", None)  # as servers that never send usage in streams
+        return route, body
+
+    monkeypatch.setattr(openai_backend, "request_body", no_usage)
+    with remote(server) as backend:
+        [result] = backend.generate([Request.chat("Hello!")], SamplingParams(max_new_tokens=3))
+    assert result.counts.prompt_tokens is None and result.counts.generated_tokens >= 1
+
+
+def test_a_server_that_drops_images_is_detected_once(tmp_path, monkeypatch):
+    """A server without the vision part answers from the text alone; the first image request says so."""
+    from edgelmm.serve import app as server_app
+
+    path = save_tiny("llava", tmp_path / MODEL)
+    real = server_app._chat_request
+
+    async def drop_images(state, messages):
+        for m in messages:
+            if isinstance(m.content, list):
+                m.content = [p for p in m.content if p.type == "text"]
+        return await real(state, messages)
+
+    app, engine = build(ModelSpec(path=str(path), device="cpu"), served_name=MODEL)
+    with BackgroundServer(app) as server:
+        good = load(ModelSpec(path=MODEL, options={"base_url": server.url + "/v1"}), backend="openai")
+        good.generate([Request.chat("What color?", [make_image()])], SamplingParams(max_new_tokens=2))
+        monkeypatch.setattr(server_app, "_chat_request", drop_images)
+        bad = load(ModelSpec(path=MODEL, options={"base_url": server.url + "/v1"}), backend="openai")
+        assert bad.generate([Request.chat("Hello!")], SamplingParams(max_new_tokens=2))  # no image, no check
+        with pytest.raises(EdgelmmError, match="ignores images.*--mmproj"):
+            bad.generate([Request.chat("What color?", [make_image()])] * 2, SamplingParams(max_new_tokens=2))
+        trusting = load(ModelSpec(path=MODEL, options={"base_url": server.url + "/v1", "check_images": False}), backend="openai")
+        assert trusting.generate([Request.chat("What color?", [make_image()])], SamplingParams(max_new_tokens=2))
+        for b in (good, bad, trusting):
+            b.close()
+    engine.close()

@@ -4,13 +4,16 @@ every bad input answered with a 4xx OpenAI error object while the server keeps s
 from __future__ import annotations
 
 import base64
+import os
+import socket
+import time
 
 import httpx
 import pytest
 import torch
 
 from edgelmm import ModelSpec, Request, SamplingParams
-from edgelmm.serve import BackgroundServer, build
+from edgelmm.serve import BackgroundServer, Limits, build
 from tests.serve.conftest import LIMITS, MODEL, data_url
 from tests.tiny_models import make_image
 
@@ -262,8 +265,13 @@ def test_metrics_count_requests_errors_tokens_and_times(client, url):
 
 
 @pytest.fixture(scope="module")
-def guarded(tiny_llava_path):
-    app, engine = build(ModelSpec(path=str(tiny_llava_path), device="cpu"), api_key="s3cret", allow_local_files=True,
+def media(tmp_path_factory):
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_llava_path, media):
+    app, engine = build(ModelSpec(path=str(tiny_llava_path), device="cpu"), api_key="s3cret", local_media_dir=media,
                         limits=LIMITS, served_name=MODEL)
     with BackgroundServer(app) as server:
         yield server.url
@@ -280,10 +288,10 @@ def test_api_key_is_enforced_on_every_route_but_health(guarded, method, path):
     assert ok.status_code == 200
 
 
-def test_official_client_with_key_and_local_file(guarded, tmp_path):
+def test_official_client_with_key_and_local_file(guarded, media):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=guarded + "/v1", api_key="wrong", max_retries=0).models.list()
-    path = tmp_path / "shape.png"
+    path = media / "shape.png"
     make_image(seed=3).save(path)
     client = openai.OpenAI(base_url=guarded + "/v1", api_key="s3cret", max_retries=0)
     for url in (str(path), path.as_uri()):
@@ -292,6 +300,85 @@ def test_official_client_with_key_and_local_file(guarded, tmp_path):
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}],
         )
         assert response.usage.prompt_tokens > 16
+
+
+def test_local_images_only_from_the_allowed_folder_and_nothing_leaks(guarded, media, tmp_path):
+    """Missing, unreadable, outside the folder, or a symlink out of it: one answer, so that a client
+    cannot probe which files exist."""
+    outside = tmp_path / "secret.png"
+    make_image().save(outside)
+    unreadable = media / "locked.png"
+    make_image().save(unreadable)
+    unreadable.chmod(0)
+    (media / "link.png").symlink_to(outside)
+    headers = {"authorization": "Bearer s3cret", "content-type": "application/json"}
+    answers = set()
+    for url in (str(outside), str(media / "missing.png"), str(media / "link.png"), str(media / ".." / outside.name),
+                str(unreadable) if os.geteuid() != 0 else str(media / "nope.png"), "/etc/hostname"):
+        response = httpx.post(guarded + CHAT, headers=headers, json=image_body(url))
+        assert response.status_code == 400
+        answers.add(response.json()["error"]["message"].replace(url, "URL"))
+    assert len(answers) == 1 and "not available" in answers.pop()
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_llava_path):
+    limits = Limits(max_connections=3, body_timeout_s=0.5, max_tokens=8)
+    app, engine = build(ModelSpec(path=str(tiny_llava_path), device="cpu"), limits=limits, served_name=MODEL)
+    with BackgroundServer(app) as server:
+        yield server
+    engine.close()
+
+
+def partial_upload(server, declared: int = 1000) -> socket.socket:
+    conn = socket.create_connection((server.host, server.port))
+    conn.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {declared}\r\n\r\n{{\"model\": ".encode())
+    return conn
+
+
+def samples_of(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if not line.startswith("#")}
+
+
+def test_a_stalled_upload_is_timed_out(strict):
+    conn = partial_upload(strict)
+    try:
+        conn.settimeout(10)
+        reply = conn.recv(4096).decode()
+    finally:
+        conn.close()
+    assert reply.startswith("HTTP/1.1 408") and "stalled" in reply
+
+
+def test_clients_that_hang_up_while_uploading_are_client_errors(served):
+    server = served[0]
+    gone = 'edgelmm_request_errors_total{type="client_disconnected"}'
+    server_errors = 'edgelmm_request_errors_total{type="server_error"}'
+    before = samples_of(server.url)
+    for _ in range(20):
+        conn = partial_upload(server)
+        time.sleep(0.02)  # the server is reading the body when the client goes
+        conn.close()
+    deadline = time.monotonic() + 10
+    while samples_of(server.url).get(gone, 0) < before.get(gone, 0) + 20:
+        assert time.monotonic() < deadline, samples_of(server.url)
+        time.sleep(0.05)
+    assert samples_of(server.url).get(server_errors, 0) == before.get(server_errors, 0)
+    assert httpx.post(server.url + CHAT, json=chat_body()).status_code == 200
+
+
+def test_connections_are_bounded(strict):
+    held = [partial_upload(strict) for _ in range(3)]
+    try:
+        time.sleep(0.1)
+        assert httpx.get(strict.url + "/health").status_code == 503
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(0.6)
+    assert httpx.get(strict.url + "/health").status_code == 200
 
 
 # ---------------------------------------------------------------- what real clients rely on

@@ -18,6 +18,17 @@ Token ids: the OpenAI API names tokens by their text. With `return_token_ids` (e
 and vLLM) the server also sends the ids and names every log-probability's token by id
 (`return_tokens_as_token_ids`), which top and prompt log-probabilities need here.
 
+Every sampling setting is sent, including the ones the benchmark leaves at "off" (top_k 0,
+min_p 0, repetition penalties 1), so that a server's own defaults (llama.cpp's server samples
+with top_k 40, min_p 0.05 and, in older versions, a repeat penalty of 1.1) never decide the
+answer; `explicit_sampling: false` sends only the OpenAI fields, for servers that refuse others.
+
+Images: a server without the model's vision part may drop them and answer from the text alone
+(llama.cpp's server given a GGUF without its mmproj does). The first request with images is
+preceded by a check: the same prompt with and without its images must count different prompt
+tokens (or the imageless one must be refused); a server that counts the same is an error that
+says so, once, instead of a run of answers to questions about pictures nobody saw.
+
 Connection failures, time-outs and 408/429/5xx answers before the first token are retried with
 exponential back-off; other 4xx answers fail at once with the server's own message. A stream
 that breaks after tokens have arrived is not retried (the tokens would be counted twice).
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +59,8 @@ OPTIONS = {
     "concurrency": 4,  # requests of one generate() call in flight at once
     "return_token_ids": False,  # ask for token ids (edgelmm serve, vLLM); other servers may refuse the fields
     "check_model": True,  # at load, check that GET /models lists the model
+    "check_images": True,  # before the first request with images, check that the server reads them
+    "explicit_sampling": True,  # also send top_k, min_p and repetition penalties set to off
 }
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -56,16 +70,24 @@ def _token_id(token: str) -> int | None:
     return int(token[9:]) if token.startswith("token_id:") and token[9:].isdigit() else None
 
 
-def request_body(model: str, request: Request, params: SamplingParams, token_ids: bool, stream: bool) -> tuple[str, dict[str, Any]]:
+# Samplers that are off in SamplingParams, by the names vLLM, llama.cpp's server and edgelmm serve read.
+SAMPLERS_OFF = {"min_p": 0.0, "repetition_penalty": 1.0, "repeat_penalty": 1.0, "presence_penalty": 0.0,
+                "frequency_penalty": 0.0}
+
+
+def request_body(model: str, request: Request, params: SamplingParams, token_ids: bool, stream: bool,
+                 explicit: bool = True) -> tuple[str, dict[str, Any]]:
     """(route, body) for one request, with every sampling setting sent explicitly (a server's own
-    defaults, such as a repeat penalty, must not decide the answer)."""
+    defaults, such as a repeat penalty, must not decide the answer) unless `explicit` is False."""
     body: dict[str, Any] = {
         "model": model, "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
         "stream": stream,
     }
     if stream:
         body["stream_options"] = {"include_usage": True}
-    if params.top_k:
+    if explicit:
+        body.update(SAMPLERS_OFF, top_k=params.top_k)
+    elif params.top_k:
         body["top_k"] = params.top_k
     if params.seed is not None:
         body["seed"] = params.seed
@@ -174,6 +196,8 @@ class OpenAIBackend(Backend):
         self.client: Any = None
         self.options: dict[str, Any] = {}
         self.model = ""
+        self._images_checked = False
+        self._probe_lock = threading.Lock()
 
     def load(self, spec: ModelSpec) -> None:
         try:
@@ -291,6 +315,39 @@ class OpenAIBackend(Backend):
                 raise EdgelmmError(f"cannot reach {url} after {attempt + 1} tries: {type(exc).__name__}: {exc}",
                                    "is the server running and reachable?") from None
 
+    # ------------------------------------------------------------ does the server see images?
+    def _prompt_tokens(self, request: Request) -> int | None:
+        """Prompt tokens the server counts for `request`; None when it sends no usage."""
+        route, body = request_body(self.model, request, SamplingParams(max_new_tokens=1), False, stream=False,
+                                   explicit=self.options["explicit_sampling"])
+        return (self._post(route, body).get("usage") or {}).get("prompt_tokens")
+
+    def _check_images(self, request: Request) -> None:
+        """Once, before the first request with images: the server must count them (see the module doc)."""
+        if not self.options["check_images"] or self._images_checked or not request.all_images():
+            return
+        with self._probe_lock:
+            if self._images_checked:
+                return
+            if request.messages is not None:
+                pair = [Request.chat("Describe the image.", request.all_images()[:1]), Request.chat("Describe the image.")]
+            elif request.text is not None:
+                pair = [Request(text=request.text, images=request.images), Request(text=request.text)]
+            else:
+                pair = [Request(token_ids=request.token_ids, images=request.images), Request(token_ids=request.token_ids)]
+            with_images = self._prompt_tokens(pair[0])
+            try:
+                without = self._prompt_tokens(pair[1])
+            except EdgelmmError:
+                without = None  # refused without its images: the server reads them
+            if with_images is not None and with_images == without:
+                raise EdgelmmError(
+                    f"the server at {self.options['base_url']} ignores images: a prompt counts {with_images} tokens "
+                    "with its image and without it, so it would answer questions about pictures it never saw",
+                    "serve the model with its vision part (llama.cpp: --mmproj FILE), or set options: "
+                    "{check_images: false} to send them anyway")
+            self._images_checked = True
+
     # ------------------------------------------------------------ generation
     def _ids_needed(self, params: SamplingParams) -> bool:
         return bool(params.top_logprobs or params.prompt_logprobs is not None or self.options["return_token_ids"])
@@ -298,6 +355,7 @@ class OpenAIBackend(Backend):
     def stream(self, request: Request, params: SamplingParams) -> Iterator[TokenEvent]:
         if self.client is None:
             raise EdgelmmError("the openai backend is not connected", "call load(spec) first")
+        self._check_images(request)
         if params.prompt_logprobs is not None:  # scored answers come whole
             result = self._whole(request, params)
             yield TokenEvent(None, result.text, None, result.timings.e2e_s)
@@ -306,7 +364,8 @@ class OpenAIBackend(Backend):
         t0 = time.perf_counter()
         stamps: list[float] = []
         answer = _Answer(params)
-        route, body = request_body(self.model, request, params, self._ids_needed(params), stream=True)
+        route, body = request_body(self.model, request, params, self._ids_needed(params), stream=True,
+                                   explicit=self.options["explicit_sampling"])
         for chunk in self._events(route, body):
             now = time.perf_counter()
             answer.usage = chunk.get("usage") or answer.usage
@@ -326,7 +385,7 @@ class OpenAIBackend(Backend):
     def _whole(self, request: Request, params: SamplingParams) -> Result:
         """One request answered whole: how prompt log-probabilities come back."""
         t0 = time.perf_counter()
-        route, body = request_body(self.model, request, params, True, stream=False)
+        route, body = request_body(self.model, request, params, True, stream=False, explicit=self.options["explicit_sampling"])
         response = self._post(route, body)
         end = time.perf_counter()
         answer = _Answer(params)
@@ -366,6 +425,8 @@ class OpenAIBackend(Backend):
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
         """Requests in flight together (up to `concurrency`), results in the order given."""
+        if requests:
+            self._check_images(next((r for r in requests if r.all_images()), requests[0]))
         if len(requests) <= 1:
             return [self._one(r, params) for r in requests]
         with ThreadPoolExecutor(max_workers=min(int(self.options["concurrency"]), len(requests))) as pool:

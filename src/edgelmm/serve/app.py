@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI
@@ -22,6 +23,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from edgelmm.backends.base import Result, TokenScore
 from edgelmm.config import SamplingParams
@@ -58,7 +60,7 @@ ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/comp
 class ServerConfig:
     model_name: str
     api_key: str | None = None
-    allow_local_files: bool = False
+    local_media_dir: Path | None = None  # local image files are read from here only
     limits: Limits = field(default_factory=Limits)
 
 
@@ -81,7 +83,10 @@ def _state(request: HttpRequest) -> ServerState:
 # ---------------------------------------------------------------- request parsing
 
 
-async def _json_body(request: HttpRequest, limit: int) -> dict[str, Any]:
+async def _json_body(request: HttpRequest, limits: Limits) -> dict[str, Any]:
+    """The body as a JSON object: JSON only, at most max_body_bytes, and no chunk slower than
+    body_timeout_s; a client that hangs up while sending is a client error, not ours."""
+    limit = limits.max_body_bytes
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":  # also keeps a web page's form posts away from a local server
         raise ApiError(415, f"the request body must be JSON (Content-Type: application/json), got '{kind or 'none'}'")
@@ -89,7 +94,16 @@ async def _json_body(request: HttpRequest, limit: int) -> dict[str, Any]:
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise ApiError(413, f"request body larger than {limit // 2**20} MiB")
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), limits.body_timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body stalled: nothing arrived for {limits.body_timeout_s:g} s") from None
+        except ClientDisconnect:
+            raise _ClientGone from None
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"request body larger than {limit // 2**20} MiB")
@@ -105,7 +119,7 @@ async def _json_body(request: HttpRequest, limit: int) -> dict[str, Any]:
 async def _read(request: HttpRequest, schema: type[B]) -> B:
     """The request's body, checked against its schema and, where it names one, the served model."""
     state = _state(request)
-    body = _validate(schema, await _json_body(request, state.config.limits.max_body_bytes))
+    body = _validate(schema, await _json_body(request, state.config.limits))
     model = getattr(body, "model", None)
     if model is not None:
         _check_model(state, model)
@@ -163,7 +177,7 @@ async def _images(state: ServerState, urls: list[str]) -> list[Any]:
     limits = state.config.limits
     if len(urls) > limits.max_images:
         raise ApiError(400, f"{len(urls)} images in one request, at most {limits.max_images} allowed", param="image_url")
-    return [await asyncio.to_thread(load_image, url, limits, state.config.allow_local_files) for url in urls]
+    return [await asyncio.to_thread(load_image, url, limits, state.config.local_media_dir) for url in urls]
 
 
 async def _chat_request(state: ServerState, messages: list[Message]) -> Request:

@@ -1,8 +1,12 @@
-"""Images from request bodies: data URLs always, local files only when the operator allows them.
+"""Images from request bodies: data URLs always, local files only under the folder the operator
+names (`--allowed-local-media-path DIR`, as vLLM has it).
 
 Remote http(s) URLs are never fetched: a server that downloads what a client names can be made
-to reach hosts behind it. Sizes are checked before decoding (bytes) and before pixels are
-allocated (width x height), so a small compressed file cannot expand into gigabytes.
+to reach hosts behind it. A local path is resolved (symlinks and `..` included) and must lie
+inside the allowed folder; a file that is missing, unreadable or outside it gets the same
+answer, so a client cannot learn which files exist. Sizes are checked before decoding (bytes)
+and before pixels are allocated (width x height), so a small compressed file cannot expand into
+gigabytes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,21 @@ from edgelmm.serve.errors import ApiError
 from edgelmm.serve.schemas import Limits
 
 
-def _bytes_of(url: str, limits: Limits, allow_local_files: bool) -> bytes:
+def _local_file(url: str, parsed_path: str, scheme: str, media_dir: Path, limits: Limits) -> bytes:
+    unavailable = ApiError(400, f"image file not available: {url} (local images must be readable files under the "
+                           "folder this server allows)", param="image_url")
+    try:
+        path = Path(unquote(parsed_path) if scheme == "file" else url).resolve()
+        if not path.is_relative_to(media_dir.resolve()) or not path.is_file():
+            raise unavailable
+        if path.stat().st_size > limits.max_image_bytes:
+            raise ApiError(413, f"image larger than {limits.max_image_bytes // 2**20} MiB", param="image_url")
+        return path.read_bytes()
+    except (OSError, ValueError):
+        raise unavailable from None
+
+
+def _bytes_of(url: str, limits: Limits, media_dir: Path | None) -> bytes:
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or not header.endswith(";base64"):
@@ -35,20 +53,15 @@ def _bytes_of(url: str, limits: Limits, allow_local_files: bool) -> bytes:
         raise ApiError(400, "remote image URLs are not fetched; send the image as a data URL", param="image_url")
     if parsed.scheme not in ("file", ""):
         raise ApiError(400, f"unsupported image URL scheme '{parsed.scheme}'; send a data URL", param="image_url")
-    if not allow_local_files:
-        raise ApiError(400, "local image files are disabled on this server (start it with --allow-local-files); "
-                       "send a data URL", param="image_url")
-    path = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
-    if not path.is_file():
-        raise ApiError(400, f"image file not found: {path}", param="image_url")
-    if path.stat().st_size > limits.max_image_bytes:
-        raise ApiError(413, f"image larger than {limits.max_image_bytes // 2**20} MiB", param="image_url")
-    return path.read_bytes()
+    if media_dir is None:
+        raise ApiError(400, "local image files are disabled on this server (start it with --allowed-local-media-path "
+                       "DIR); send a data URL", param="image_url")
+    return _local_file(url, parsed.path, parsed.scheme, media_dir, limits)
 
 
-def load_image(url: str, limits: Limits, allow_local_files: bool = False) -> Image.Image:
+def load_image(url: str, limits: Limits, media_dir: Path | None = None) -> Image.Image:
     """An RGB PIL image, or an ApiError that says what was wrong with it."""
-    data = _bytes_of(url, limits, allow_local_files)
+    data = _bytes_of(url, limits, media_dir)
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size

@@ -33,6 +33,8 @@ class Limits:
     max_batch_size: int = 8
     max_queue: int = 256
     max_prompts: int = 64  # prompts in one /v1/completions request
+    max_connections: int = 64  # open connections at once; more get 503 before anything is read
+    body_timeout_s: float = 30.0  # a request body that sends nothing for this long is dropped (408)
 
 
 class _Body(BaseModel):
@@ -85,6 +87,8 @@ class _Sampling(_Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    repeat_penalty: float = 1.0  # llama.cpp's server's name for it
+    min_p: float = 0.0
     logit_bias: dict[str, float] | None = None
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
@@ -93,8 +97,10 @@ class _Sampling(_Body):
     def _supported(self) -> _Sampling:
         if self.n != 1:
             raise ValueError("only n=1 is supported; send several requests instead")
-        if self.presence_penalty or self.frequency_penalty or self.logit_bias or self.repetition_penalty != 1.0:
-            raise ValueError("presence_penalty, frequency_penalty, repetition_penalty and logit_bias are not supported")
+        if (self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_p
+                or self.repetition_penalty != 1.0 or self.repeat_penalty != 1.0):
+            raise ValueError("presence_penalty, frequency_penalty, repetition_penalty, repeat_penalty, min_p and "
+                             "logit_bias are not supported (send them off: 0, or 1 for the penalties)")
         if any(not s for s in self.stops):
             raise ValueError("stop strings must not be empty")
         return self
