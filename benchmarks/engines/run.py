@@ -193,7 +193,7 @@ def main() -> None:
     from edgelmm.utils.io import atomic_write_text
 
     out = Path(args.out)
-    gguf = export_gguf(args.model, out / "model.gguf").path
+    gguf = export_gguf(args.model, out / "model.gguf", overwrite=True).path
     record: dict[str, Any] = {
         "model": args.model, "samples": args.samples, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
         "rounds": args.rounds,

@@ -221,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from edgelmm.export.gguf import export_gguf
 
-    done = export_gguf(args.model, args.out, args.outtype)
+    done = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite)
     print(f"wrote {done.path} ({done.arch}, {done.outtype}, {done.tensors} tensors, vocab {done.vocab_size}, "
           f"{done.bytes / 1e6:.1f} MB)")
     return 0
@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
             gguf.add_argument("model", help="bundled name or checkpoint dir")
             gguf.add_argument("out", help="output file, OUT.gguf")
             gguf.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32")
+            gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
             gguf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         elif name == "quantize":
             p.add_argument("model", help="bundled name or float checkpoint dir")

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgelmm.config import ModelSpec
 from edgelmm.errors import EdgelmmError, MissingExtraError
+from edgelmm.utils.io import as_new, output_parent
 
 # transformers text model_type -> llama.cpp architecture
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -158,8 +159,10 @@ def _checkpoint_dtype(config: dict[str, Any]) -> str:
     return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
 
 
-def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | None = None) -> GGUFExport:
-    """Write the language model of `model` (bundled name or checkpoint dir) to `out` atomically."""
+def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | None = None,
+                overwrite: bool = False) -> GGUFExport:
+    """Write the language model of `model` (bundled name or checkpoint dir) to `out` atomically;
+    an existing `out` is refused unless `overwrite`, and its folder must exist."""
     gguf = _gguf()
     from edgelmm.models.loader import load_model, resolve_checkpoint
 
@@ -168,6 +171,9 @@ def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | N
     out = Path(out)
     if out.suffix != ".gguf":
         raise EdgelmmError(f"output file '{out}' does not end in .gguf", "name the output FILE.gguf")
+    if out.exists() and not overwrite:
+        raise EdgelmmError(f"{out} already exists", "choose another output file or pass --overwrite")
+    output_parent(out)
     checkpoint = resolve_checkpoint(model)
     if checkpoint.quantization is not None:
         raise EdgelmmError(f"{model} is a W4A16/W8A16 checkpoint: GGUF export takes the float model",
@@ -206,7 +212,6 @@ def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | N
         tensors.append(("output.weight", adapter.lm_head().weight.detach().float().numpy()))
 
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -252,6 +257,7 @@ def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | N
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        as_new(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,4 +1,6 @@
-"""Atomic writes: a reader (or a resumed run) never sees a half-written file."""
+"""Atomic writes: a reader (or a resumed run) never sees a half-written file, and what lands has
+the permissions the user's umask gives any new file (temporary files are created 0600 and
+folders 0700, which would leave outputs unreadable in containers and on shared machines)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,43 @@ from pathlib import Path
 from typing import Any
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_new(path: str | Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the mode a newly created one would get."""
+    mask = umask()
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def output_parent(path: str | Path) -> Path:
+    """The folder an output goes into, which must exist (outputs never create folders on a typo)."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        from edgelmm.errors import EdgelmmError
+
+        raise EdgelmmError(f"cannot write {path}: the folder {parent} does not exist", f"create it first (mkdir -p {parent})")
+    return parent
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        as_new(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -65,16 +98,17 @@ def read_jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 @contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; move it into place only if the block succeeds."""
+    """Yield a temporary directory beside `path`; move it into place only if the block succeeds.
+    An existing `path` is refused unless `overwrite`; its parent folder must exist."""
     from edgelmm.errors import EdgelmmError
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise EdgelmmError(f"{path} already exists", "choose another output directory or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=output_parent(path), prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        as_new(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
