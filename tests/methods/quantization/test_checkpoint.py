@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from edgelmm.config import ModelSpec
 from edgelmm.errors import EdgelmmError
@@ -56,10 +55,7 @@ def test_transformers_with_compressed_tensors_loads_it_and_agrees(fresh, tmp_pat
         ours = logits(model, inputs)
         assert torch.equal(logits(load_quantized(path), inputs), ours)  # edgelmm's own loader: bit-identical
         auto = AutoModelForImageTextToText if adapter.multimodal else AutoModelForCausalLM
-        # compressed-tensors 0.20 builds asymmetric layers on the meta device with unpacked zero
-        # points, so packed checkpoints only load decompressed (dequantize=True); see docs/quantization.md
-        options = {} if symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-        theirs = logits(auto.from_pretrained(path, dtype=torch.float32, **options), inputs)
+        theirs = logits(auto.from_pretrained(path, dtype=torch.float32), inputs)  # no extra config, either scheme
         assert torch.allclose(theirs, ours, atol=1e-4, rtol=1e-4), float((theirs - ours).abs().max())
 
 
@@ -165,3 +161,27 @@ def test_awq_conversion_refuses_what_the_layout_cannot_hold(fresh, tmp_path: Pat
     with pytest.raises(EdgelmmError, match="4-bit weights only"):
         convert_to_awq(tmp_path / "w8", tmp_path / "awq")
     assert not (tmp_path / "awq").exists()
+
+
+ONE_LINER = """
+import sys, torch
+from transformers import AutoModelForImageTextToText
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], dtype=torch.float32)
+assert "edgelmm" not in sys.modules
+print(type(model).__name__)
+"""
+
+
+def test_the_plain_one_liner_loads_an_asymmetric_checkpoint_without_edgelmm(tmp_path: Path) -> None:
+    """What a user runs in another process: no edgelmm import, no extra quantization config."""
+    import subprocess
+    import sys
+
+    from edgelmm.cli import main
+
+    assert main(["quantize", "shapes-vlm-s", "--method", "rtn", "--out", str(tmp_path / "q")]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "weights"]["symmetric"] is False
+    done = subprocess.run([sys.executable, "-c", ONE_LINER, str(tmp_path / "q")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "LlavaForConditionalGeneration"

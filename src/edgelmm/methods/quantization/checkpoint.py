@@ -102,6 +102,11 @@ def ct_quantization_config(layer: QuantLinear, skipped: list[str]) -> dict[str, 
         "ignore": [f"re:.*{leaf}.*" for leaf in skipped],
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
+        # transformers + compressed-tensors 0.20 build asymmetric layers with unpacked zero points and
+        # then refuse the packed ones every other reader expects; `dequantize` (a key transformers'
+        # CompressedTensorsConfig reads, and vLLM and compressed-tensors pass over) makes a plain
+        # from_pretrained decompress instead. See docs/quantization.md.
+        **({} if layer.symmetric else {"dequantize": True}),
     }
 
 
