@@ -43,6 +43,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from edgelmm.demo import shapes
 from edgelmm.demo.tokenizer import ASSISTANT, CHAT_TEMPLATE, EOS, IMAGE, USER, build_tokenizer, prompt_text
+from edgelmm.models.llava import LlavaAdapter
 
 PATCH = 8
 IMAGE_TOKENS = (shapes.IMAGE_SIZE // PATCH) ** 2  # CLS is dropped ("default" strategy)
@@ -352,6 +353,7 @@ def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: P
     tmp.chmod(0o755)
     half = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
     model.save_pretrained(tmp, state_dict=half)
+    LlavaAdapter.finish_checkpoint(tmp, model.config)  # the weight names vLLM reads
     processor.save_pretrained(tmp)
     write_json(tmp / "training.json", record)
     old = out.with_name(f".{out.name}.old")

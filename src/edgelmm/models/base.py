@@ -318,6 +318,34 @@ class ModelAdapter:
         return load_processor(path, model_type, cls.multimodal, trust_remote_code)
 
     @classmethod
+    def saved_key(cls, key: str, config: Any) -> str:
+        """A weight's name as the family's checkpoints spell it for every reader (vLLM included),
+        from the name transformers saved it under; `finish_checkpoint` applies it."""
+        return key
+
+    @classmethod
+    def finish_checkpoint(cls, folder: Path, config: Any) -> None:
+        """Rename the saved weights of a checkpoint folder to `saved_key`, where any differ
+        (safetensors files rewritten in place, the shard index with them)."""
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as handle:
+                keys, metadata = list(handle.keys()), handle.metadata()
+                if all(cls.saved_key(k, config) == k for k in keys):
+                    continue
+                tensors = {cls.saved_key(k, config): handle.get_tensor(k) for k in keys}
+            save_file(tensors, str(file), metadata=metadata)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            data["weight_map"] = {cls.saved_key(k, config): v for k, v in data.get("weight_map", {}).items()}
+            index.write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
     def architecture(cls, config: Any) -> Architecture:
         """Sizes for `edgelmm plan` from the transformers config (no weights)."""
         raise EdgelmmError(f"the {cls.family} adapter does not size its models for the planner",

@@ -47,6 +47,20 @@ class LlavaAdapter(ModelAdapter):
     def architecture(cls, config: Mapping[str, Any]) -> Architecture:
         return decoder_architecture(config, _vision)
 
+    @classmethod
+    def saved_key(cls, key: str, config: Any) -> str:
+        """`vision_tower.vision_model.*`, as llava-hf checkpoints have it and vLLM's loader needs:
+        transformers 5 saves a CLIP/SigLIP tower it built from a config without `vision_model.`
+        (its CLIPVisionModel drops that prefix at load and restores it on save only for weights it
+        loaded with it); vLLM maps `vision_tower.` onto its own CLIPVisionModel, whose parameters
+        all sit under `vision_model`. transformers loads either spelling."""
+        vision = config.get("vision_config", {}) if isinstance(config, Mapping) else getattr(config, "vision_config", None)
+        kind = vision.get("model_type") if isinstance(vision, Mapping) else getattr(vision, "model_type", None)
+        if kind in ("clip_vision_model", "siglip_vision_model") and key.startswith("vision_tower.") \
+                and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + key.removeprefix("vision_tower.")
+        return key
+
 
 def _vision(config: Any) -> VisionArch:
     v, t = config.vision_config, config.get_text_config()

@@ -69,7 +69,7 @@ def test_config_json_declares_pack_quantized(fresh, tmp_path: Path) -> None:
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     key = "language_model.model.layers.0.self_attn.q_proj"  # LLaVA's checkpoint naming, as engines expect
     assert tensors[f"{key}.weight_packed"].dtype == torch.int32 and tensors[f"{key}.weight_zero_point"].shape == (8, 2)
-    assert f"{key}.weight" not in tensors and "vision_tower.encoder.layers.0.mlp.fc1.weight" in tensors
+    assert f"{key}.weight" not in tensors and "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight" in tensors
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2"])

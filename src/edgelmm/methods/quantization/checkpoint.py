@@ -132,6 +132,7 @@ def save_quantized(model: nn.Module, processor: Any, adapter: ModelAdapter, out:
             model.save_pretrained(tmp)
         finally:
             del model.config.quantization_config
+        type(adapter).finish_checkpoint(tmp, model.config)
         if processor is not None:
             processor.save_pretrained(tmp)
         if method is not None:
@@ -357,7 +358,7 @@ def load_quantized_model(spec: Any, checkpoint: Checkpoint | None = None) -> tup
 def convert_to_awq(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Rewrite a compressed-tensors pack-quantized checkpoint in AutoAWQ's GEMM layout.
 
-    Tensors keep their checkpoint names; each quantized linear's four compressed-tensors
+    Tensors keep their checkpoint names (as `saved_key` spells them); each quantized linear's four compressed-tensors
     tensors become qweight / qzeros / scales (float16, as AutoAWQ and its kernels require).
     Everything else (config, tokenizer, processor, the 16-bit tensors) is copied unchanged.
     """
@@ -389,6 +390,7 @@ def convert_to_awq(src: str | Path, out: str | Path, overwrite: bool = False) ->
             if key not in skip:
                 tensors[key] = _get(handles, key)
     config = json.loads((src / "config.json").read_text())
+    tensors = {checkpoint.adapter_cls.saved_key(k, config): v for k, v in tensors.items()}
     config["quantization_config"] = {
         "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True,
         "modules_to_not_convert": [re.sub(r"^re:\.\*(.*)\.\*$", r"\1", p).removeprefix("re:") for p in qc.get("ignore", [])] or None,
