@@ -7,7 +7,13 @@ input. For each group of linears that read the same
 input, per-input-channel scales `s` are searched on a grid; the winner multiplies the group's
 weights and is divided out of the op that produced the input (RMSNorm / LayerNorm weight, or
 the rows of the preceding linear), so the float function is unchanged and only the rounding
-sees the scaled weights. Then each linear's clipping range is searched on its own output error.
+sees the scaled weights. A grid point is judged on the output of the smallest block holding the
+group (the attention for q, k, v; the MLP for gate, up: AutoAWQ's `module2inspect`), or of the
+linears themselves when the fold goes into a linear, over `search_tokens` calibration tokens;
+the activation statistics come from every token, and only the searched tokens' rows are kept,
+so time and memory stay in proportion to the model rather than to the calibration set. Then
+each linear's clipping range is searched on its own output error, one batched matmul per
+candidate range.
 
 Nothing here names a model class or an attribute such as `q_proj`. The structure is read off
 one traced forward of the layer: linears that receive the very same tensor form a group, and
@@ -251,28 +257,67 @@ def layer_groups(layer: nn.Module, sample: LayerInput, reference: torch.Tensor, 
 # ---------------------------------------------------------------- the search
 
 
+@dataclass
+class Features:
+    """What the search needs of one linear's input: the mean |x| per input channel over every
+    calibration token, and the rows (real tokens) of the searched samples."""
+
+    abs_mean: torch.Tensor  # [width], float32
+    rows: torch.Tensor  # [tokens, width]
+
+    def scaled(self, s: torch.Tensor) -> Features:
+        return Features(self.abs_mean / s.float(), self.rows / s.to(self.rows.dtype))
+
+
 def _collect_inputs(
-    layer: nn.Module, samples: list[LayerInput], linears: list[nn.Linear]
-) -> tuple[dict[nn.Linear, torch.Tensor], list[torch.Tensor]]:
-    """Every linear's input over all samples (real tokens only, [tokens, width]) and the layer's
-    outputs per sample."""
-    feats: dict[nn.Linear, list[torch.Tensor]] = {lin: [] for lin in linears}
-    current: list[torch.Tensor] = []
+    layer: nn.Module, samples: list[LayerInput], linears: list[nn.Linear], inspected: list[nn.Module],
+    searched: list[int],
+) -> tuple[dict[nn.Linear, Features], list[torch.Tensor], dict[nn.Module, _Calls]]:
+    """Each linear's input features (linears that read one tensor share them), the layer's
+    outputs per sample, and the calls of the `inspected` submodules on the `searched` samples.
+    Only the searched samples' rows are kept, so memory does not grow with the calibration set."""
+    sums: dict[nn.Linear, torch.Tensor] = {}
+    counts: dict[nn.Linear, int] = {}
+    rows: dict[nn.Linear, list[torch.Tensor]] = {lin: [] for lin in linears}
+    current: list[Any] = []
 
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x, mask = args[0], current[0]
-        feats[module].append((x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])).detach())
+        x, mask, seen, keep = args[0], *current
+        key = (x.data_ptr(), x.shape, x.stride())
+        if key not in seen:
+            real = (x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])).detach()
+            seen[key] = (real, real.abs().float().sum(0))
+        real, total = seen[key]
+        sums[module] = sums[module] + total if module in sums else total
+        counts[module] = counts.get(module, 0) + real.shape[0]
+        if keep:
+            rows[module].append(real)
 
     handles = [lin.register_forward_pre_hook(hook) for lin in linears]
+    calls, call_handles = _record_calls([m for m in dict.fromkeys(inspected) if m is not layer])
     outs = []
     try:
-        for sample in samples:
-            current[:] = [sample.mask]
+        for j, sample in enumerate(samples):
+            recording = j in searched
+            current[:] = [sample.mask, {}, recording]
+            for record in calls.values():
+                record.active = recording
             outs.append(sample.run(layer).detach())
     finally:
-        for handle in handles:
+        for handle in [*handles, *call_handles]:
             handle.remove()
-    return {lin: torch.cat(x) for lin, x in feats.items() if x}, outs
+    if layer in inspected:
+        calls[layer] = _Calls(layer, [((samples[j].hidden, *samples[j].args), samples[j].kwargs) for j in searched],
+                              [outs[j] for j in searched])
+    joined: dict[tuple[int, ...], Features] = {}  # one copy per shared input
+    features = {}
+    for lin, parts in rows.items():
+        if parts:
+            key = tuple(id(t) for t in parts)
+            if key not in joined:
+                joined[key] = Features(sums[lin] / max(counts[lin], 1), torch.cat(parts))
+            features[lin] = joined[key]
+    return features, outs, calls
 
 
 def _output_loss(outputs: list[torch.Tensor], references: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
@@ -290,7 +335,7 @@ def _outputs(linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
 
 
 def _search_scale(
-    group: Group, x: torch.Tensor, loss_of: Callable[[], float], config: AWQConfig
+    group: Group, x_mean: torch.Tensor, loss_of: Callable[[], float], config: AWQConfig
 ) -> torch.Tensor | None:
     """The grid point with the lowest loss, or None when no scaling (s = 1) beats them all."""
     weights = [lin.weight.detach().clone() for lin in group.linears]
@@ -304,9 +349,8 @@ def _search_scale(
                 sv = s.to(dtype)
                 lin.weight.copy_(fake_quantize(w * sv, config.bits, config.group_size, config.symmetric, dtype) / sv)
 
-    x_mean = x.abs().float().mean(0)
     w = torch.cat(weights).float().abs().reshape(-1, config.group_size)
-    w_mean = (w / (w.amax(1, keepdim=True) + 1e-6)).reshape(-1, x.shape[1]).mean(0)
+    w_mean = (w / (w.amax(1, keepdim=True) + 1e-6)).reshape(-1, x_mean.shape[0]).mean(0)
     try:
         quantize_with(None)
         best_loss, best = loss_of(), None
@@ -326,28 +370,84 @@ def _search_scale(
 
 
 def _search_clip(linear: nn.Linear, x: torch.Tensor, config: AWQConfig) -> None:
-    """Clamp the weight per group to the shrunk range that minimises the output error."""
+    """Clamp the weight per group to the shrunk range that minimises the output error.
+
+    Per group of `g` input channels the output error is a [tokens, g] x [g, out] product, so
+    each candidate range costs one batched matmul over the groups."""
     w = linear.weight.detach()
     out_features, width = w.shape
     g = config.group_size
+    groups = width // g
     step = max(1, x.shape[0] // config.clip_tokens)
-    xs = x[::step][: config.clip_tokens].float().reshape(1, -1, width // g, g)  # [1, tokens, groups, g]
-    chunk = max(1, 2**26 // (xs.shape[1] * width))  # bounds the [chunk, tokens, groups, g] product
+    xs = x[::step][: config.clip_tokens].float().reshape(-1, groups, g).transpose(0, 1)  # [groups, tokens, g]
+    chunk = max(1, 2**24 // (xs.shape[1] * groups))  # bounds the [groups, tokens, chunk] products
     for start in range(0, out_features, chunk):
-        wc = w[start : start + chunk].float().reshape(-1, 1, width // g, g)
-        reference = (xs * wc).sum(-1)
-        top = wc.abs().amax(-1, keepdim=True)
-        best_top, best_err = top.clone(), torch.full(top.shape[:1] + top.shape[2:3], float("inf"), device=w.device)
+        wc = w[start : start + chunk].float().reshape(-1, groups, g)  # [rows, groups, g]
+        rows = wc.shape[0]
+        reference = torch.bmm(xs, wc.permute(1, 2, 0))  # [groups, tokens, rows]
+        top = wc.abs().amax(-1, keepdim=True)  # [rows, groups, 1]
+        best_top, best_err = top.clone(), torch.full((rows, groups), float("inf"), device=w.device)
         for i in range(int(config.max_shrink * config.clip_grid)):
             limit = top * (1 - i / config.clip_grid)
-            clipped = torch.maximum(torch.minimum(wc, limit), -limit).reshape(wc.shape[0], width)
+            clipped = torch.maximum(torch.minimum(wc, limit), -limit).reshape(rows, width)
             q = fake_quantize(clipped.to(w.dtype), config.bits, g, config.symmetric, w.dtype).float()
-            err = ((xs * q.reshape(wc.shape)).sum(-1) - reference).pow(2).mean(1)  # [chunk, groups]
+            err = (torch.bmm(xs, q.reshape(rows, groups, g).permute(1, 2, 0)) - reference).pow(2).mean(1).t()  # [rows, groups]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_top = torch.where(better.unsqueeze(1).unsqueeze(-1), limit, best_top)
-        clamped = torch.maximum(torch.minimum(wc, best_top), -best_top).reshape(-1, width)
+            best_top = torch.where(better.unsqueeze(-1), limit, best_top)
+        clamped = torch.maximum(torch.minimum(wc, best_top), -best_top).reshape(rows, width)
         w[start : start + chunk] = clamped.to(w.dtype)
+
+
+def inspected_module(layer: nn.Module, linears: list[nn.Linear]) -> nn.Module:
+    """The smallest submodule holding every linear of a group (the attention block for q, k, v;
+    the MLP for gate, up): its output is what the group's scales are judged on, as AutoAWQ's
+    `module2inspect`, instead of the whole layer's."""
+    names = {m: n for n, m in layer.named_modules()}
+    paths = [names[lin].split(".") for lin in linears]
+    common: list[str] = []
+    for parts in zip(*(p[:-1] for p in paths)):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return layer.get_submodule(".".join(common)) if common else layer
+
+
+@dataclass
+class _Calls:
+    """A module's calls over (some of) the calibration samples: its arguments and float outputs."""
+
+    module: nn.Module
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    outputs: list[torch.Tensor]
+    active: bool = True  # the hook records only while set
+
+    def run(self) -> list[torch.Tensor]:
+        outs = [self.module(*args, **kwargs) for args, kwargs in self.calls]
+        return [o[0] if isinstance(o, tuple) else o for o in outs]
+
+
+def _search_subset(masks: list[torch.Tensor], tokens: int) -> list[int]:
+    """Samples spread evenly over the calibration set holding about `tokens` real tokens."""
+    counts = [int(m.sum()) for m in masks]
+    mean = max(1, sum(counts) // max(len(counts), 1))
+    n = min(len(masks), max(1, -(-tokens // mean)))
+    return sorted({round(i * (len(masks) - 1) / max(n - 1, 1)) for i in range(n)})
+
+
+def _record_calls(modules: list[nn.Module]) -> tuple[dict[nn.Module, _Calls], list[Any]]:
+    """Forward hooks that keep each module's arguments and output, call after call."""
+    recorded = {m: _Calls(m, [], []) for m in modules}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        record = recorded[module]
+        if not record.active:
+            return
+        record.calls.append((args, dict(kwargs)))
+        record.outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+    return recorded, handles
 
 
 @torch.no_grad()
@@ -368,44 +468,52 @@ def awq_search(
         raise EdgelmmError("the calibration set is empty", "AWQ needs calibration text")
     samples, arguments = capture_layer_inputs(model, adapter, batches)
     masks = [s.mask for s in samples]
+    searched = _search_subset(masks, config.search_tokens)
     stats = {"scaled": 0, "unfoldable": 0, "clipped": 0}
     layers = adapter.language_layers()
     bar = tqdm(layers, desc=f"awq w{config.bits} g{config.group_size}", unit="layer", disable=not progress, file=sys.stderr)
     for i, layer in enumerate(bar):
+        bar.set_postfix_str(f"layer {i}: reading inputs")
         for sample, (args, kwargs) in zip(samples, arguments[i]):
             sample.args, sample.kwargs = args, kwargs
         linears = [m for m in layer.modules() if isinstance(m, nn.Linear) and m in targets]
-        feats, references = _collect_inputs(layer, samples, linears)
-        groups = layer_groups(layer, samples[0], references[0], targets)
-        for group in groups:
+        groups = layer_groups(layer, samples[0], samples[0].run(layer).detach(), targets)
+        inspected = {id(g): inspected_module(layer, g.linears) for g in groups if g.fold is not None and g.fold.kind == "norm"}
+        feats, references, calls = _collect_inputs(layer, samples, linears, list(inspected.values()), searched)
+        for n, group in enumerate(groups):
+            bar.set_postfix_str(f"layer {i}: scales {n + 1}/{len(groups)}")
             if group.fold is None:
                 stats["unfoldable"] += 1
                 continue
             x = feats[group.linears[0]]
-            if group.fold.kind == "norm":  # the block's output, the layer's other linears in float
-                def loss_of() -> float:  # called at once, within this iteration
-                    return _output_loss([s.run(layer) for s in samples], references, masks)  # noqa: B023
-            else:  # the consumer's own output, as AutoAWQ inspects o_proj and down_proj
-                reference = _outputs(group.linears, x)
+            if group.fold.kind == "norm":  # the enclosing block's output, its other linears in float
+                block = calls[inspected[id(group)]]
 
                 def loss_of() -> float:  # called at once, within this iteration
-                    return float((_outputs(group.linears, x) - reference).float().pow(2).mean())  # noqa: B023
-            s = _search_scale(group, x, loss_of, config)
+                    return _output_loss(block.run(), block.outputs, [masks[j] for j in searched])  # noqa: B023
+            else:  # the consumer's own output, as AutoAWQ inspects o_proj and down_proj
+                rows = x.rows[:: max(1, x.rows.shape[0] // config.search_tokens)][: config.search_tokens]
+                reference = _outputs(group.linears, rows)
+
+                def loss_of() -> float:  # called at once, within this iteration
+                    return float((_outputs(group.linears, rows) - reference).float().pow(2).mean())  # noqa: B023
+            s = _search_scale(group, x.abs_mean, loss_of, config)
             if s is None:
                 continue
             group.fold.apply(s)
             for lin in group.linears:
                 lin.weight.mul_(s.to(lin.weight.dtype))
-                feats[lin] = feats[lin] / s.to(feats[lin].dtype)
+                feats[lin] = feats[lin].scaled(s)
             stats["scaled"] += 1
         if config.clip:
+            bar.set_postfix_str(f"layer {i}: clipping")
             attention = set(adapter.attention(i).modules())
             for group in groups:
                 for lin in group.linears:
                     # score-side linears (q, k): softmax squashes their error; AutoAWQ leaves them
                     if lin in attention and not group.functional_input and not _value_like(layer, samples[0], lin, linears):
                         continue
-                    _search_clip(lin, feats[lin], config)
+                    _search_clip(lin, feats[lin].rows, config)
                     stats["clipped"] += 1
         for sample, out in zip(samples, references):
             sample.hidden = out

@@ -121,6 +121,9 @@ class AWQConfig(QuantConfig):
     `mean|x|^a` alone is the paper's) and `a` on a `grid`-point grid in [0, 1) chosen by the
     output error of the block; then each linear's weights are clipped to the range, searched on
     `clip_grid` points down to `1 - max_shrink` of the maximum, that minimises its output error.
+    The activation statistics come from every calibration token; the grid's loss is computed on
+    `search_tokens` of them (spread over the calibration samples), which is what keeps the search
+    in proportion to the model: every grid point runs the block on those tokens once.
     `calibration` is the data the search runs on (a CalibrationConfig, a source string or a dict
     of its fields); it has no default: what a model should be calibrated on is the user's call.
     """
@@ -134,11 +137,14 @@ class AWQConfig(QuantConfig):
     clip_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512  # calibration tokens used by the clipping search, as AutoAWQ's n_sample_token
+    search_tokens: int = 8192  # calibration tokens the scale grid's loss is computed on
     calibration: CalibrationConfig | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "calibration", as_calibration(self.calibration))
+        if self.search_tokens < 1 or self.clip_tokens < 1:
+            raise EdgelmmError("AWQ needs at least one token to search on", "use search_tokens >= 1 and clip_tokens >= 1")
         if self.grid < 1 or self.clip_grid < 1:
             raise EdgelmmError("AWQ grids need at least one point", "use grid >= 1 and clip_grid >= 1")
         if not 0.0 <= self.max_shrink < 1.0:
