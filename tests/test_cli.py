@@ -86,3 +86,26 @@ def test_check_env_and_models(capsys):
     assert code == 0 and "torch" in out and "vllm" in out
     code, out, _ = run(capsys, "models")
     assert code == 0 and "shapes-vlm-s" in out and "qwen2_vl" in out
+
+
+def test_plan_warns_past_the_trained_context(capsys):
+    code, out, err = run(capsys, "plan", f"{FIXTURES}/Qwen2.5-7B-Instruct", "--hardware", "h200", "--context", "200000")
+    trained = json.loads(open(f"{FIXTURES}/Qwen2.5-7B-Instruct/config.json").read())["max_position_embeddings"]
+    assert code == 0 and f"beyond the {trained} tokens" in err and "warning" in out
+    code, out, err = run(capsys, "plan", f"{FIXTURES}/Qwen2.5-7B-Instruct", "--hardware", "h200", "--context", "4096")
+    assert code == 0 and "warning" not in err + out
+    code, out, _ = run(capsys, "plan", f"{FIXTURES}/Qwen2.5-7B-Instruct", "--hardware", "h200", "--context", "200000", "--json")
+    assert json.loads(out)["warnings"]
+
+
+def test_models_says_which_command_takes_which_family(capsys):
+    import re
+
+    code, out, _ = run(capsys, "models")
+    table = out.split("model_type", 1)[1].splitlines()[2:]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in table if line.strip())}
+    assert code == 0
+    assert rows["llava"] == ["llava", "yes", "yes", "language model"]
+    assert rows["qwen2_vl"] == ["qwen2_vl", "yes", "yes", "no (M-RoPE)"]
+    assert rows["mixtral"] == ["causal_lm", "yes", "no", "no"]
+    assert rows["qwen2"] == ["causal_lm", "yes", "yes", "yes"]

@@ -161,6 +161,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plan = plan_from_path(args.model, args.hardware, weight_bits=args.weight_bits, context=args.context, batch=args.batch)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    for warning in plan.warnings:
+        print(f"edgelmm: warning: {warning}", file=sys.stderr)
     if not plan.fits:
         raise EdgelmmError(
             f"{plan.model} does not fit {plan.hardware}: needs {plan.total_bytes / 1e9:.2f} GB, "

@@ -92,7 +92,6 @@ def environment_table() -> str:
 
 def models_table() -> str:
     from edgelmm.demo import DEMO_MODELS, checkpoint_path
-    from edgelmm.models.registry import supported_model_types
 
     rows = []
     for name in DEMO_MODELS:
@@ -100,4 +99,26 @@ def models_table() -> str:
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.exists() else 0
         rows.append((name, f"{path} ({size / 1e6:.1f} MB of weights)" if size else f"{path} (missing)"))
     table = _table(rows, ("bundled model", "checkpoint"))
-    return f"{table}\n\nsupported model_type values: {', '.join(supported_model_types())}"
+    return f"{table}\n\n{support_table()}"
+
+
+def support_table() -> str:
+    """Which command takes which model_type: bench, eval, serve and quantize take every family
+    with an adapter; plan sizes fewer; export gguf writes llama.cpp's llama and qwen2 language
+    models (a VLM's language model alone, where it is one of those)."""
+    from edgelmm.export.gguf import ARCHES
+    from edgelmm.registry import MODEL_FAMILIES
+
+    header = ("model_type", "family", "bench eval serve quantize", "plan", "export gguf")
+    rows = []
+    for family, cls in MODEL_FAMILIES.items():
+        for model_type in cls.model_types:
+            if cls.multimodal:
+                gguf = "language model" if family in ("llava", "internvl") else "no (M-RoPE)"
+            else:
+                gguf = "yes" if model_type in ARCHES else "no"
+            rows.append((model_type, family, "yes", "yes" if model_type in cls.planned_types else "no", gguf))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, tuple("-" * w for w in widths)]]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in sorted(rows)]
+    return "\n".join(lines)

@@ -104,6 +104,16 @@ class Plan:
     peak_tflops: float | None  # 16-bit dense rate the prefill estimate used
     decode_tok_s: float  # per sequence, at a full context
     prefill_s: float  # the whole batch's prompts, vision encoder included
+    trained_context: int | None = None  # the model's max_position_embeddings
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the plan allows but the model may not do well."""
+        found = []
+        if self.trained_context and self.context > self.trained_context:
+            found.append(f"context {self.context} is beyond the {self.trained_context} tokens {self.model} was trained "
+                         "for (max_position_embeddings): answers past it degrade unless the model extends its RoPE")
+        return found
 
     @property
     def prompt_tokens(self) -> int:
@@ -127,7 +137,7 @@ class Plan:
         return self.usable_bytes - self.total_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("prompt_tokens", "weight_bytes", "total_bytes", "fits", "margin_bytes")
+        keys = ("prompt_tokens", "weight_bytes", "total_bytes", "fits", "margin_bytes", "warnings")
         return {**asdict(self), **{k: getattr(self, k) for k in keys}}
 
 
@@ -258,6 +268,7 @@ def plan(
         peak_tflops=peak / 1e12 if peak else None,
         decode_tok_s=1.0 / _decode_step(arch.text, weight_bits, context, batch, hw),
         prefill_s=_prefill_s(arch, vision_bytes + lm_bytes, text_tokens, vision_tokens, batch, hw),
+        trained_context=arch.text.max_positions,
     )
 
 
@@ -327,5 +338,6 @@ def format_plan(plan: Plan) -> str:
          + " at a full context (roofline)"),
         ("prefill", f">= {plan.prefill_s * 1e3:.0f} ms for the batch's prompts (roofline)"),
     ]
+    rows += [("warning", w) for w in plan.warnings]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
