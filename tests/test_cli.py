@@ -109,3 +109,16 @@ def test_models_says_which_command_takes_which_family(capsys):
     assert rows["qwen2_vl"] == ["qwen2_vl", "yes", "yes", "no (M-RoPE)"]
     assert rows["mixtral"] == ["causal_lm", "yes", "no", "no"]
     assert rows["qwen2"] == ["causal_lm", "yes", "yes", "yes"]
+
+
+@pytest.mark.parametrize("side", [9000, 14000])  # over our limit; over PIL's own bomb limit too
+def test_an_oversized_task_image_is_one_line(tmp_path, capsys, side):
+    from PIL import Image
+
+    Image.new("1", (side, side)).save(tmp_path / "big.png")
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"image": "big.png", "question": "q", "answer": "a"}\n')
+    code, _, err = run(capsys, "eval", "--model", "shapes-vlm-s", "--task", "vqa-jsonl", "--task-file", str(data),
+                       "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "val.jsonl:1:", "big.png")
+    assert "pixels" in err or "decompression bomb" in err

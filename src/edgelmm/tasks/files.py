@@ -26,6 +26,7 @@ from edgelmm.tasks.base import Task, TaskSample
 from edgelmm.tasks.scoring import choice_accuracy, exact_match
 from edgelmm.utils.io import read_jsonl_records
 
+MAX_IMAGE_PIXELS = 8192 * 8192  # per task image; PIL itself refuses twice its own 89 M-pixel warning level
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # LLaVA's MMBench prompt
 
 
@@ -90,8 +91,13 @@ class _JsonlTask(Task):
     def _decode(self, number: int, image: str) -> Image.Image:
         try:
             with Image.open(image) as opened:
+                width, height = opened.size
+                if width * height > MAX_IMAGE_PIXELS:  # checked before the pixels are allocated
+                    raise self._fail(number, f"image {image} is {width}x{height} pixels, more than the "
+                                     f"{MAX_IMAGE_PIXELS:,} a task image may have", "downscale it (VLM processors "
+                                     "resize far below this anyway)")
                 return opened.convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
             raise self._fail(number, f"cannot read image {image}: {exc}", "replace or remove the corrupt image") from None
 
 
