@@ -83,6 +83,19 @@ def resolve_checkpoint(name_or_path: str | Path | Checkpoint) -> Checkpoint:
     return Checkpoint(path, config, adapter_class(config["model_type"]))
 
 
+def _unreadable_weights(path: Path) -> Path | None:
+    """The first safetensors file of a checkpoint whose header does not read, if any."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (OSError, SafetensorError):
+            return file
+    return None
+
+
 def load_model(spec: ModelSpec, checkpoint: Checkpoint | None = None) -> tuple[torch.nn.Module, Any, ModelAdapter, torch.device]:
     """Load a float checkpoint's weights and processor onto the spec's device, wrapped in its adapter
     (`checkpoint`: spec.path already resolved)."""
@@ -95,6 +108,7 @@ def load_model(spec: ModelSpec, checkpoint: Checkpoint | None = None) -> tuple[t
         processor = cls.load_processor(checkpoint.path, checkpoint.model_type, spec.trust_remote_code)
     except (OSError, ValueError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgelmmError(f"cannot load {checkpoint.path}: {first}", "check that the checkpoint is complete") from None
+        where = _unreadable_weights(checkpoint.path) or checkpoint.path
+        raise EdgelmmError(f"cannot load {where}: {first}", "check that the checkpoint is complete") from None
     model.to(device).eval()
     return model, processor, cls(model, processor), device
