@@ -197,3 +197,18 @@ def test_bundled_experiment_configs_load_by_name_from_any_folder(tmp_path, monke
     assert load_yaml("demo", BenchConfig).name == "demo"
     with pytest.raises(EdgelmmError, match="config file not found: nope.*bundled experiments configs: demo"):
         load_yaml("nope", BenchConfig)
+
+
+def test_a_misspelled_engine_option_fails_before_any_model_loads(tmp_path):
+    base = config("no-such-model")
+    model = base.models[0].model_copy(update={"options": {"decodee": "engine"}})
+    with pytest.raises(EdgelmmError, match="unknown option.*decodee for the torch backend"):
+        run_bench(base.model_copy(update={"models": [model]}), tmp_path, progress=False)
+    grouped = base.models[0].model_copy(update={"options": {"openai": {"base_url": "http://x"}, "torch": {"decode": "engine"}}})
+    assert plan_cells_of(base.model_copy(update={"models": [grouped]}))  # each backend reads its own group
+
+
+def plan_cells_of(cfg):
+    from edgelmm.bench.runner import plan_cells
+
+    return plan_cells(cfg)

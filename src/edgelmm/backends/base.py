@@ -18,7 +18,7 @@ import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, RequestError
@@ -180,6 +180,9 @@ class Backend(ABC):
     """load once, then generate (batched) or stream (one request)."""
 
     name: str = "base"
+    # The spec options the backend reads, with their defaults (None: it takes none, or checks its own);
+    # a benchmark checks every model's options against them before anything loads.
+    known_options: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self) -> None:
         self.spec: ModelSpec | None = None

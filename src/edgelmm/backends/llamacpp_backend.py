@@ -76,6 +76,7 @@ def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
+    known_options = OPTIONS
 
     def __init__(self) -> None:
         super().__init__()

@@ -88,6 +88,7 @@ def prompt(request: Request) -> tuple[Any, bool]:
 
 class LMDeployBackend(Backend):
     name = "lmdeploy"
+    known_options = OPTIONS
 
     def __init__(self) -> None:
         super().__init__()

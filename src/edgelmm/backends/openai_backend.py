@@ -190,6 +190,7 @@ class _Answer:
 
 class OpenAIBackend(Backend):
     name = "openai"
+    known_options = OPTIONS
 
     def __init__(self) -> None:
         super().__init__()

@@ -154,6 +154,7 @@ def _compile_wanted(option: Any, device: torch.device) -> bool:
 
 class TorchBackend(Backend):
     name = "torch"
+    known_options = OPTIONS
 
     def __init__(self) -> None:
         super().__init__()

@@ -89,6 +89,7 @@ def engine_prompt(request: Request) -> dict[str, Any]:
 
 class VLLMBackend(Backend):
     name = "vllm"
+    known_options = OPTIONS
 
     def __init__(self) -> None:
         super().__init__()

@@ -38,6 +38,7 @@ from typing import Any
 from tqdm import tqdm
 
 from edgelmm.backends.base import Backend, Request, Result
+from edgelmm.backends.engines import engine_options
 from edgelmm.bench.metrics import summarize
 from edgelmm.bench.report import RESULTS, read_results, write_report
 from edgelmm.config import BenchConfig, HardwareProfile, ModelSpec, SamplingParams, TaskSpec, validate
@@ -121,7 +122,9 @@ def cell_sampling(config: BenchConfig, spec: TaskSpec, task: Task) -> SamplingPa
 def plan_cells(config: BenchConfig, mode: str = "bench") -> list[Cell]:
     """Check the whole matrix and draw every task's samples, before anything loads."""
     for name in config.backends:
-        BACKENDS.get(name)
+        known = BACKENDS.get(name).known_options
+        for model in config.models if known is not None else []:
+            engine_options(model, known, name)  # a misspelled option fails here, not after an hour
     for method in config.methods:
         if isinstance(method, AWQConfig) and method.calibration is None:
             raise EdgelmmError(f"method {method}: AWQ needs calibration data",
