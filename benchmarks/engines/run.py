@@ -193,6 +193,7 @@ def main() -> None:
     from edgelmm.utils.io import atomic_write_text
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     gguf = export_gguf(args.model, out / "model.gguf", overwrite=True).path
     record: dict[str, Any] = {
         "model": args.model, "samples": args.samples, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,

@@ -13,6 +13,7 @@ SAMPLES=${2:-200}
 PPL_SAMPLES=${3:-100}
 TEXT_SAMPLES=${4:-1000}
 WORK=${WORK:-runs/quantization}
+mkdir -p "$WORK"
 TEXT="bits=4, group_size=128, calibration={'source': 'shapes', 'num_samples': 32, 'max_seq_len': 256}"  # demo_cpu.sh's
 IMAGES="bits=4, group_size=128, calibration={'source': 'shapes-images', 'num_samples': 64}"             # 64 conversations with pictures
 edgelmm quant-eval "$MODEL" "$WORK/$MODEL-rtn" "$WORK/$MODEL-awq" \

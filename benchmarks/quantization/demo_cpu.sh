@@ -17,6 +17,7 @@ PPL_SAMPLES=${2:-100}
 TEXT_SAMPLES=${3:-1000}
 OUT=benchmarks/quantization/results
 WORK=${WORK:-runs/quantization}
+mkdir -p "$WORK"
 for model in shapes-vlm-s shapes-vlm-l; do
   for method in rtn awq; do
     edgelmm quantize "$model" --method "$method" --bits 4 --group-size 128 --device cpu --out "$WORK/$model-$method" --overwrite \
