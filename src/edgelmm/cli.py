@@ -223,9 +223,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from edgelmm.export.gguf import export_gguf
 
+    from edgelmm.export.mmproj import export_mmproj
+
+    if args.mmproj and Path(args.mmproj).resolve() == Path(args.out).resolve():
+        raise EdgelmmError("--mmproj names the language model's own output file", "give the projector a file of its own")
+    if args.mmproj:  # checked first: a model without an exportable projector fails before anything is written
+        projector = export_mmproj(args.model, args.mmproj, "f16" if args.outtype == "f16" else "f32", args.overwrite)
     done = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite)
     print(f"wrote {done.path} ({done.arch}, {done.outtype}, {done.tensors} tensors, vocab {done.vocab_size}, "
           f"{done.bytes / 1e6:.1f} MB)")
+    if args.mmproj:
+        print(f"wrote {projector.path} (vision tower and projector, {projector.outtype}, {projector.tensors} tensors, "
+              f"{projector.bytes / 1e6:.1f} MB)")
     return 0
 
 
@@ -341,8 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
             gguf = formats.add_parser("gguf", help="the language model of a Llama/Qwen2-family checkpoint, for llama.cpp")
             gguf.add_argument("model", help="bundled name or checkpoint dir")
             gguf.add_argument("out", help="output file, OUT.gguf")
-            gguf.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f32")
-            gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+            gguf.add_argument("--outtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_k_m"], default="f32",
+                              help="weight type; q4_0 and q4_k_m through llama.cpp's own quantizer")
+            gguf.add_argument("--overwrite", action="store_true", help="replace OUT (and --mmproj) if it exists")
+            gguf.add_argument("--mmproj", metavar="FILE.gguf",
+                              help="also write the vision tower and projector (LLaVA) as llama.cpp's multimodal projector")
             gguf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         elif name == "quantize":
             p.add_argument("model", help="bundled name or float checkpoint dir")

@@ -3,12 +3,23 @@
     load(ModelSpec(path="shapes-vlm-s.gguf"), backend="llamacpp")      # from `edgelmm export gguf`
     load(ModelSpec(path="shapes-vlm-s", options={"gguf": "s.gguf"}), backend="llamacpp")
 
+    load(ModelSpec(path="s.gguf", options={"mmproj": "s-mmproj.gguf"}), backend="llamacpp")  # with images
+
 The decode loop is ours, not llama-cpp-python's `create_completion`, for three reasons: the
 chat template is rendered from the GGUF exactly as transformers renders it (so both engines read
 the same token ids), the clock is stamped when each token's logits exist (the same point the
 torch backend stamps), and greedy / temperature / top-k / top-p mean what they mean in every
-other backend. Only the language model is in the GGUF: requests with images are refused.
-Prompt log-probabilities need `logits_all: true`, which keeps every position's logits.
+other backend. Prompt log-probabilities need `logits_all: true`, which keeps every position's
+logits.
+
+Images go through llama.cpp's multimodal library (libmtmd, shipped with llama-cpp-python) when
+the model is loaded with its projector (`options.mmproj`, from `edgelmm export gguf --mmproj`):
+the prompt is rendered as for text, each image placeholder of the template (`<image>`) becomes
+mtmd's media marker, mtmd splits the prompt into text and image chunks, the text chunks run
+through the same context as every prompt and each image chunk is encoded by the vision tower
+and decoded into the context at its place; decoding then goes on as for text. Without a
+projector, requests with images are refused. Image prompts have no prompt log-probabilities
+(mtmd writes no logits for image positions), and token-id prompts cannot carry images here.
 """
 
 from __future__ import annotations
@@ -34,9 +45,12 @@ OPTIONS = {
     "n_gpu_layers": 0,  # -1: all layers on the GPU (a CUDA/Metal build of llama-cpp-python)
     "logits_all": False,  # keep every position's logits: needed for prompt log-probabilities
     "seed": 0,
+    "mmproj": None,  # the vision tower and projector GGUF (edgelmm export gguf --mmproj): images
 }
 CHAT_PARTS_KEY = "edgelmm.chat_content_parts"
 EOS_KEY = "edgelmm.eos_token_ids"  # written by `edgelmm export gguf`: transformers' stop tokens
+IMAGE_KEY = "edgelmm.image_token"  # the text the chat template writes where an image goes
+IMAGE_TOKENS_KEY = "edgelmm.image_seq_length"  # visual tokens per image the language model was trained on
 
 
 def _fields(path: Path) -> dict[str, Any]:
@@ -45,7 +59,7 @@ def _fields(path: Path) -> dict[str, Any]:
         from gguf import GGUFReader
     except ImportError:
         raise MissingExtraError("the llamacpp backend", "llamacpp", "gguf") from None
-    wanted = ("general.architecture", EOS_KEY)
+    wanted = ("general.architecture", EOS_KEY, IMAGE_KEY, IMAGE_TOKENS_KEY)
     fields = GGUFReader(path).fields
     found = {key: fields[key].contents() for key in wanted if key in fields}
     arch = found.get("general.architecture")
@@ -85,6 +99,8 @@ class LlamaCppBackend(Backend):
         self._template: Any = None
         self._llama_cpp: Any = None
         self._eos: set[int] = set()  # end-of-generation tokens (EOS, EOT, ...)
+        self._mtmd: Any = None  # the mtmd context, with a projector
+        self._image_text = "<image>"
 
     # ------------------------------------------------------------ lifecycle
     def load(self, spec: ModelSpec) -> None:
@@ -110,8 +126,53 @@ class LlamaCppBackend(Backend):
         self._llama_cpp, self.spec, self.options = llama_cpp, spec, options
         self._template = self._compile_template(self.llm.metadata.get("tokenizer.chat_template"))
         self._eos = set(metadata.get(EOS_KEY) or []) or self._end_of_generation()
+        self._image_text = metadata.get(IMAGE_KEY) or "<image>"
+        self._metadata = metadata
+        if options["mmproj"]:
+            self._load_projector(Path(options["mmproj"]).expanduser())
+
+    def _load_projector(self, path: Path) -> None:
+        """mtmd on the projector GGUF, after checking it was made for this language model."""
+        import llama_cpp.mtmd_cpp as mtmd
+
+        if not path.is_file():
+            raise EdgelmmError(f"mmproj file not found: {path}", "export it with `edgelmm export gguf MODEL OUT --mmproj OUT-mmproj.gguf`")
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        arch = reader.fields.get("general.architecture")
+        projection = next((t for t in reader.tensors if t.name == "mm.2.weight"), None)
+        if arch is None or arch.contents() != "clip" or projection is None:
+            raise EdgelmmError(f"{path} is not a LLaVA multimodal projector (architecture 'clip' with mm.* tensors)")
+        width = int(projection.shape[-1])  # ggml order: [in, out]
+        if width != self.llm.n_embd():
+            raise EdgelmmError(f"{path} projects images to width {width}, but the language model's embeddings are "
+                               f"{self.llm.n_embd()} wide: it was made for another model")
+        size, patch = (int(reader.fields[f"clip.vision.{k}"].contents()) for k in ("image_size", "patch_size"))
+        expected = self._metadata.get(IMAGE_TOKENS_KEY)
+        if expected is not None and (size // patch) ** 2 != int(expected):
+            raise EdgelmmError(f"{path} makes {(size // patch) ** 2} tokens per image, but the language model was "
+                               f"trained on {expected}: it was made for another model")
+        if not self.llm.tokenize(self._image_text.encode(), add_bos=False, special=True)[:1]:
+            raise EdgelmmError(f"the language model has no '{self._image_text}' token for images")
+        from llama_cpp._logger import llama_log_callback
+
+        # mtmd logs through llama-cpp-python's own callback, which prints only errors unless verbose
+        mtmd.mtmd_log_set(llama_log_callback, None)
+        mtmd.mtmd_helper_log_set(llama_log_callback, None)
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = bool(self.options["n_gpu_layers"])
+        params.n_threads = self.options["n_threads"] or os.cpu_count()
+        params.print_timings = False
+        context = mtmd.mtmd_init_from_file(str(path).encode(), self.llm.model, params)
+        if not context or not mtmd.mtmd_support_vision(context):
+            raise EdgelmmError(f"llama.cpp could not load the projector {path}", "export it again with `edgelmm export gguf --mmproj`")
+        self._mtmd, self._mtmd_lib = context, mtmd
 
     def close(self) -> None:
+        if self._mtmd is not None:
+            self._mtmd_lib.mtmd_free(self._mtmd)
+            self._mtmd = None
         if self.llm is not None:
             self.llm.close()
         self.llm = None
@@ -157,8 +218,7 @@ class LlamaCppBackend(Backend):
             content = message["content"]
             if isinstance(content, list):
                 if any(p["type"] == "image" for p in content):
-                    raise RequestError("the llamacpp backend runs the language model only (the GGUF holds no vision tower)",
-                                       "send text-only requests, or use the torch backend for images")
+                    self._require_projector()
                 content = content if parts else "".join(p["text"] for p in content)
             elif parts:
                 content = [{"type": "text", "text": content}]
@@ -168,12 +228,19 @@ class LlamaCppBackend(Backend):
             bos_token=self._special_text(self.llm.token_bos()), eos_token=self._special_text(self.llm.token_eos()),
         )
 
+    def _require_projector(self) -> None:
+        if self._mtmd is None:
+            raise RequestError("this llamacpp model has no vision part: the GGUF holds the language model only",
+                               "load it with options: {mmproj: FILE} (edgelmm export gguf MODEL OUT --mmproj FILE), "
+                               "or send text-only requests")
+
     def prompt_token_ids(self, request: Request) -> list[int]:
         if self.llm is None:
             raise EdgelmmError("the llamacpp backend has no model loaded", "call load(spec) first")
-        if request.images:
-            raise RequestError("the llamacpp backend runs the language model only (the GGUF holds no vision tower)",
-                               "send text-only requests, or use the torch backend for images")
+        if request.all_images():
+            chunks, ids, _ = self._image_chunks(request)
+            self._mtmd_lib.mtmd_input_chunks_free(chunks)
+            return ids
         if request.token_ids is not None:
             vocab = self.llm.n_vocab()
             bad = next((t for t in request.token_ids if t >= vocab), None)
@@ -215,6 +282,84 @@ class LlamaCppBackend(Backend):
             scores.append(TokenScore(token, float(logprobs[token]), [(int(b), float(logprobs[b])) for b in best]))
         return scores
 
+    # ------------------------------------------------------------ images
+    def _image_chunks(self, request: Request) -> tuple[Any, list[int], int]:
+        """mtmd's text and image chunks of an image request, the prompt's ids (the image token for
+        each image position, as the torch backend reports them) and its visual token count. The
+        caller frees the chunks."""
+        import ctypes
+
+        self._require_projector()
+        mtmd = self._mtmd_lib
+        if request.token_ids is not None:
+            raise RequestError("token-id prompts with images are not run by the llamacpp backend",
+                               "send the images with messages or a text prompt")
+        images = request.all_images()
+        text = self.render_chat(request.messages) if request.messages is not None else request.text
+        marker = mtmd.mtmd_default_marker().decode()
+        if text.count(self._image_text) != len(images):
+            raise RequestError(f"the prompt has {text.count(self._image_text)} image placeholders "
+                               f"('{self._image_text}') for {len(images)} images")
+        text = text.replace(self._image_text, marker)
+        bos = self._special_text(self.llm.token_bos())
+        prompt = mtmd.mtmd_input_text()
+        encoded = text.encode()
+        prompt.text, prompt.text_len = encoded, len(encoded)
+        prompt.add_special = self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" and not (bos and text.startswith(bos))
+        prompt.parse_special = True
+        bitmaps = []
+        for image in images:
+            rgb = image.convert("RGB")
+            data = rgb.tobytes()
+            bitmaps.append(mtmd.mtmd_bitmap_init(rgb.width, rgb.height, (ctypes.c_uint8 * len(data)).from_buffer_copy(data)))
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+            if mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(prompt), array, len(bitmaps)) != 0:
+                mtmd.mtmd_input_chunks_free(chunks)
+                raise RequestError("llama.cpp could not split the prompt into text and images")
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+        image_id = self.llm.tokenize(self._image_text.encode(), add_bos=False, special=True)[0]
+        ids: list[int] = []
+        visual = 0
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                count = ctypes.c_size_t(0)
+                pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                ids += [pointer[j] for j in range(count.value)]
+            else:
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                ids += [image_id] * n
+                visual += n
+        return chunks, ids, visual
+
+    def _eval_chunks(self, chunks: Any) -> None:
+        """Text chunks through llm.eval, image chunks through mtmd, at consecutive positions."""
+        mtmd = self._mtmd_lib
+        llama_cpp = self._llama_cpp
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                import ctypes
+
+                count = ctypes.c_size_t(0)
+                pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                self.llm.eval([pointer[j] for j in range(count.value)])
+                continue
+            import ctypes
+
+            past = llama_cpp.llama_pos(0)
+            start = self.llm.n_tokens
+            status = mtmd.mtmd_helper_eval_chunk_single(self._mtmd, self.llm.ctx, chunk, llama_cpp.llama_pos(start),
+                                                         llama_cpp.llama_seq_id(0), self.llm.n_batch, True,
+                                                         ctypes.byref(past))
+            if status != 0:
+                raise EdgelmmError(f"llama.cpp failed to encode an image (error {status})")
+            self.llm.n_tokens = past.value
+
     # ------------------------------------------------------------ generation
     def _last_logits(self) -> np.ndarray:
         pointer = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
@@ -224,8 +369,20 @@ class LlamaCppBackend(Backend):
         from edgelmm.utils.memory import PeakMemory
 
         t0 = time.perf_counter()
-        prompt = self.prompt_token_ids(request)
-        check_context(len(prompt), params, self.max_context)
+        chunks, visual = None, 0
+        if request.all_images():
+            if params.prompt_logprobs is not None:
+                raise RequestError("the llamacpp backend gives no prompt log-probabilities for image prompts",
+                                   "use the torch backend to score prompts with images")
+            chunks, prompt, visual = self._image_chunks(request)
+        else:
+            prompt = self.prompt_token_ids(request)
+        try:
+            check_context(len(prompt), params, self.max_context)
+        except BaseException:
+            if chunks is not None:
+                self._mtmd_lib.mtmd_input_chunks_free(chunks)
+            raise
         rng = np.random.default_rng(params.seed if params.seed is not None else self.options["seed"])
         detok = Detokenizer(lambda ids: self.llm.detokenize(ids).decode("utf-8", errors="replace"), params.stop, self._eos)
         ids: list[int] = []
@@ -236,7 +393,13 @@ class LlamaCppBackend(Backend):
         finish, reason = "length", None
         with PeakMemory("cpu") as peak:
             self.llm.reset()
-            self.llm.eval(prompt)
+            if chunks is None:
+                self.llm.eval(prompt)
+            else:
+                try:
+                    self._eval_chunks(chunks)
+                finally:
+                    self._mtmd_lib.mtmd_input_chunks_free(chunks)
             if params.prompt_logprobs is not None:
                 prompt_scores = self._prompt_scores(prompt, params.prompt_logprobs)
             for _ in range(params.max_new_tokens):
@@ -269,7 +432,7 @@ class LlamaCppBackend(Backend):
         result = Result(
             text=detok.final_text, token_ids=ids, logprobs=logprobs if params.wants_logprobs else None,
             timings=Timings.from_stamps(t0, stamps[: max(len(ids), 1)], end),
-            counts=Counts(len(prompt), 0, len(ids)), peak_memory_bytes=peak.bytes, finish_reason=finish,
+            counts=Counts(len(prompt), visual, len(ids)), peak_memory_bytes=peak.bytes, finish_reason=finish,
             stop_reason=reason, top_logprobs=tops if params.top_logprobs else None,
             prompt_token_ids=prompt, prompt_logprobs=prompt_scores,
         )

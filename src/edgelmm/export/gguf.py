@@ -29,9 +29,15 @@ from edgelmm.utils.io import as_new, output_parent
 
 # transformers text model_type -> llama.cpp architecture
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-OUT_TYPES = ("f32", "f16", "q8_0")
+OUT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
+# Types llama.cpp's own quantizer writes (llama_model_quantize, from an f32 file of ours): its block
+# layouts, its choice of types per tensor (q4_k_m keeps some tensors at 6 bits), its fallbacks for
+# rows its blocks do not divide.
+LLAMA_QUANTIZED = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 CHAT_PARTS_KEY = "edgelmm.chat_content_parts"
 EOS_KEY = "edgelmm.eos_token_ids"
+IMAGE_KEY = "edgelmm.image_token"
+IMAGE_TOKENS_KEY = "edgelmm.image_seq_length"
 
 # Split-regex pre-tokenizers llama.cpp knows, by the name it reads from tokenizer.ggml.pre.
 _LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
@@ -159,6 +165,17 @@ def _checkpoint_dtype(config: dict[str, Any]) -> str:
     return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
 
 
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """A .gguf output path in an existing folder, not replacing a file unless `overwrite`."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise EdgelmmError(f"output file '{out}' does not end in .gguf", "name the output FILE.gguf")
+    if out.exists() and not overwrite:
+        raise EdgelmmError(f"{out} already exists", "choose another output file or pass --overwrite")
+    output_parent(out)
+    return out
+
+
 def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | None = None,
                 overwrite: bool = False) -> GGUFExport:
     """Write the language model of `model` (bundled name or checkpoint dir) to `out` atomically;
@@ -168,12 +185,7 @@ def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | N
 
     if outtype not in OUT_TYPES:
         raise EdgelmmError(f"unknown GGUF output type '{outtype}'", f"choose one of: {', '.join(OUT_TYPES)}")
-    out = Path(out)
-    if out.suffix != ".gguf":
-        raise EdgelmmError(f"output file '{out}' does not end in .gguf", "name the output FILE.gguf")
-    if out.exists() and not overwrite:
-        raise EdgelmmError(f"{out} already exists", "choose another output file or pass --overwrite")
-    output_parent(out)
+    out = check_output(out, overwrite)
     checkpoint = resolve_checkpoint(model)
     if checkpoint.quantization is not None:
         raise EdgelmmError(f"{model} is a W4A16/W8A16 checkpoint: GGUF export takes the float model",
@@ -211,6 +223,7 @@ def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | N
     if not getattr(text, "tie_word_embeddings", False) and not getattr(adapter.config, "tie_word_embeddings", False):
         tensors.append(("output.weight", adapter.lm_head().weight.detach().float().numpy()))
 
+    written = "f32" if outtype in LLAMA_QUANTIZED else outtype
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
@@ -230,7 +243,7 @@ def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | N
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
         writer.add_vocab_size(text.vocab_size)
-        writer.add_file_type(file_types[outtype])
+        writer.add_file_type(file_types[written])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(vocab["pre"])
@@ -250,16 +263,41 @@ def export_gguf(model: str, out: str | Path, outtype: str = "f32", name: str | N
         writer.add_bool(CHAT_PARTS_KEY, adapter.multimodal)
         # The tokens transformers stops at, exactly; llama.cpp would guess more from token texts.
         writer.add_array(EOS_KEY, adapter.eos_token_ids())
+        image_token = getattr(processor, "image_token", None)
+        if adapter.multimodal and image_token:  # where the llamacpp backend puts images (with --mmproj)
+            writer.add_string(IMAGE_KEY, image_token)
+            if isinstance(adapter.config.to_dict().get("image_seq_length"), int):
+                writer.add_uint32(IMAGE_TOKENS_KEY, adapter.config.image_seq_length)
         for tensor_name, array in tensors:
-            data, raw_dtype = _encode(array, outtype, gguf)
+            data, raw_dtype = _encode(array, written, gguf)
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if outtype in LLAMA_QUANTIZED:
+            _llama_quantize(Path(tmp), outtype)
         as_new(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return GGUFExport(out, arch, outtype, len(tensors), text.vocab_size, out.stat().st_size)
+
+
+def _llama_quantize(path: Path, outtype: str) -> None:
+    """Rewrite the f32 GGUF at `path` in one of llama.cpp's own quantized types, in place."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingExtraError(f"GGUF export to {outtype} (llama.cpp's quantizer)", "llamacpp", "llama_cpp") from None
+    quantized = path.with_name(path.name + ".q")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[outtype])
+    try:
+        status = llama_cpp.llama_model_quantize(str(path).encode(), str(quantized).encode(), params)
+        if status != 0:
+            raise EdgelmmError(f"llama.cpp's quantizer failed on {outtype} (status {status})")
+        os.replace(quantized, path)
+    finally:
+        quantized.unlink(missing_ok=True)
