@@ -21,14 +21,14 @@ from edgelmm.demo import checkpoint_path
 
 # shapes-vlm-s (transformers' LLaVA names) -> the names MyVLM's checkpoints use
 RENAMES = [
-    (r"^vision_tower\.embeddings\.patch_embedding\.", "vision.patch_embed."),
-    (r"^vision_tower\.embeddings\.class_embedding$", "vision.cls_token"),
-    (r"^vision_tower\.embeddings\.position_embedding\.weight$", "vision.pos_embed"),
-    (r"^vision_tower\.pre_layrnorm\.", "vision.norm_pre."),
-    (r"^vision_tower\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"vision.blocks.\1.norm\2."),
-    (r"^vision_tower\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"vision.blocks.\1.\2."),
-    (r"^vision_tower\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"vision.blocks.\1.proj."),
-    (r"^vision_tower\.encoder\.layers\.(\d+)\.mlp\.", r"vision.blocks.\1."),
+    (r"^vision_tower\.(?:vision_model\.)?embeddings\.patch_embedding\.", "vision.patch_embed."),
+    (r"^vision_tower\.(?:vision_model\.)?embeddings\.class_embedding$", "vision.cls_token"),
+    (r"^vision_tower\.(?:vision_model\.)?embeddings\.position_embedding\.weight$", "vision.pos_embed"),
+    (r"^vision_tower\.(?:vision_model\.)?pre_layrnorm\.", "vision.norm_pre."),
+    (r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"vision.blocks.\1.norm\2."),
+    (r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"vision.blocks.\1.\2."),
+    (r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"vision.blocks.\1.proj."),
+    (r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.mlp\.", r"vision.blocks.\1."),
     (r"^multi_modal_projector\.linear_1\.", "mm_projector.0."),
     (r"^multi_modal_projector\.linear_2\.", "mm_projector.2."),
     (r"^language_model\.model\.embed_tokens\.", "llm.tok_embeddings."),
@@ -41,7 +41,7 @@ RENAMES = [
     (r"^language_model\.model\.norm\.", "llm.norm."),
     (r"^language_model\.lm_head\.", "output."),
 ]
-UNUSED = re.compile(r"^vision_tower\.post_layernorm\.")  # LLaVA reads the encoder before its last norm
+UNUSED = re.compile(r"^vision_tower\.(?:vision_model\.)?post_layernorm\.")  # LLaVA reads the encoder before its last norm
 PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json")
 

@@ -222,7 +222,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edgelmm.export.gguf import export_gguf
-
     from edgelmm.export.mmproj import export_mmproj
 
     if args.mmproj and Path(args.mmproj).resolve() == Path(args.out).resolve():
