@@ -17,7 +17,7 @@ for round in 1 2; do
     src=src; [ "$side" = old ] && src="$WORK/old/src"
     echo "## $side ($([ "$side" = old ] && echo "$OLD" || git rev-parse --short HEAD)), round $round"
     PYTHONPATH=$src /usr/bin/time -f "wall %e s, peak RSS %M KiB" python -m edgelmm.cli demo --out "$WORK/$side-$round" 2>&1 \
-      | grep -v "it/s\]\|Loading\|report:"
+      | grep -v "%|\|Loading\|report:"
   done
 done
 cp "$WORK/new-2/results.jsonl" "$WORK/new-2/report.md" benchmarks/foundation/cpu_demo/
