@@ -73,6 +73,15 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
+def _chunk_tokens(mtmd: Any, chunk: Any) -> list[int]:
+    """The token ids of one of mtmd's text chunks."""
+    import ctypes
+
+    count = ctypes.c_size_t(0)
+    pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+    return [pointer[j] for j in range(count.value)]
+
+
 def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Greedy at temperature 0; else temperature, then top-k, then top-p (nucleus), then a draw."""
     if params.greedy:
@@ -100,7 +109,9 @@ class LlamaCppBackend(Backend):
         self._llama_cpp: Any = None
         self._eos: set[int] = set()  # end-of-generation tokens (EOS, EOT, ...)
         self._mtmd: Any = None  # the mtmd context, with a projector
+        self._mtmd_lib: Any = None  # llama_cpp.mtmd_cpp, once a projector is loaded
         self._image_text = "<image>"
+        self._metadata: dict[str, Any] = {}
 
     # ------------------------------------------------------------ lifecycle
     def load(self, spec: ModelSpec) -> None:
@@ -327,9 +338,7 @@ class LlamaCppBackend(Backend):
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                count = ctypes.c_size_t(0)
-                pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
-                ids += [pointer[j] for j in range(count.value)]
+                ids += _chunk_tokens(mtmd, chunk)
             else:
                 n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                 ids += [image_id] * n
@@ -338,19 +347,15 @@ class LlamaCppBackend(Backend):
 
     def _eval_chunks(self, chunks: Any) -> None:
         """Text chunks through llm.eval, image chunks through mtmd, at consecutive positions."""
+        import ctypes
+
         mtmd = self._mtmd_lib
         llama_cpp = self._llama_cpp
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                import ctypes
-
-                count = ctypes.c_size_t(0)
-                pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
-                self.llm.eval([pointer[j] for j in range(count.value)])
+                self.llm.eval(_chunk_tokens(mtmd, chunk))
                 continue
-            import ctypes
-
             past = llama_cpp.llama_pos(0)
             start = self.llm.n_tokens
             status = mtmd.mtmd_helper_eval_chunk_single(self._mtmd, self.llm.ctx, chunk, llama_cpp.llama_pos(start),
