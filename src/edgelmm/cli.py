@@ -221,14 +221,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from edgelmm.export.gguf import export_gguf
+    from edgelmm.export.gguf import check_output, export_gguf
     from edgelmm.export.mmproj import export_mmproj
 
     if args.mmproj and Path(args.mmproj).resolve() == Path(args.out).resolve():
         raise EdgelmmError("--mmproj names the language model's own output file", "give the projector a file of its own")
-    if args.mmproj:  # checked first: a model without an exportable projector fails before anything is written
+    if args.mmproj:  # both outputs checked before either is written; a failed second removes the first
+        check_output(args.out, args.overwrite)
         projector = export_mmproj(args.model, args.mmproj, "f16" if args.outtype == "f16" else "f32", args.overwrite)
-    done = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite)
+    try:
+        done = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite)
+    except BaseException:
+        if args.mmproj:
+            Path(args.mmproj).unlink(missing_ok=True)
+        raise
     print(f"wrote {done.path} ({done.arch}, {done.outtype}, {done.tensors} tensors, vocab {done.vocab_size}, "
           f"{done.bytes / 1e6:.1f} MB)")
     if args.mmproj:

@@ -139,3 +139,6 @@ def test_export_command_writes_both_or_nothing(tmp_path, capsys):
     assert main(["export", "gguf", str(qvl), str(tmp_path / "q.gguf"), "--mmproj", str(tmp_path / "q-mmproj.gguf")]) == 1
     assert "only LLaVA-family projectors" in capsys.readouterr().err
     assert not (tmp_path / "q.gguf").exists() and not (tmp_path / "q-mmproj.gguf").exists()
+    (tmp_path / "taken.gguf").write_bytes(b"mine")  # the language model's output exists: nothing is written
+    assert main(["export", "gguf", "shapes-vlm-s", str(tmp_path / "taken.gguf"), "--mmproj", str(tmp_path / "t-mmproj.gguf")]) == 1
+    assert "already exists" in capsys.readouterr().err and not (tmp_path / "t-mmproj.gguf").exists()
