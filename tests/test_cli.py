@@ -122,3 +122,15 @@ def test_an_oversized_task_image_is_one_line(tmp_path, capsys, side):
                        "--out", str(tmp_path / "out"))
     assert_one_line_error(code, err, "val.jsonl:1:", "big.png")
     assert "pixels" in err or "decompression bomb" in err
+
+
+def test_the_demo_refuses_a_folder_of_other_settings_and_appends_when_told(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--samples", "2", "--out", out]) == 0
+    capsys.readouterr()
+    records = (tmp_path / "demo" / "results.jsonl").read_text().splitlines()
+    changed = [json.dumps({**json.loads(r), "settings": "older", "settings_detail": {}}) for r in records]
+    (tmp_path / "demo" / "results.jsonl").write_text("\n".join(changed) + "\n")  # as an older edgelmm wrote it
+    code, _, err = run(capsys, "demo", "--samples", "2", "--out", out)
+    assert_one_line_error(code, err, "measured with other settings", "--append")
+    assert main(["demo", "--samples", "2", "--out", out, "--append"]) == 0

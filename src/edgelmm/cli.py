@@ -150,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"edgelmm demo: {', '.join(m.path for m in config.models)} on {', '.join(t.name for t in config.tasks)}, "
           f"{args.samples} samples each, device {config.device}")
-    rows = run_bench(config, out, debug=args.debug)
+    rows = run_bench(config, out, debug=args.debug, append=args.append)
     print(format_table(rows))
     print(f"\nreport: {out / 'report.md'}  (plots beside it; rerun with a new --out to measure again)")
     return 0
@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--samples", type=int, default=32, help="samples per task and model")
             p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
             p.add_argument("--out", default=DEMO_OUT)
+            p.add_argument("--append", action="store_true",
+                           help="add to an output directory that holds cells measured with other settings")
         elif name == "plan":
             p.add_argument("model", help="bundled name or checkpoint dir (only config.json is read)")
             p.add_argument("--hardware", required=True, help="profile name, see configs/hardware/")
