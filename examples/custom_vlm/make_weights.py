@@ -20,15 +20,16 @@ from safetensors.torch import load_file, save_file
 from edgelmm.demo import checkpoint_path
 
 # shapes-vlm-s (transformers' LLaVA names) -> the names MyVLM's checkpoints use
+TOWER = r"^vision_tower\.(?:vision_model\.)?"  # the tower's weights, with or without CLIP's vision_model prefix
 RENAMES = [
-    (r"^vision_tower\.(?:vision_model\.)?embeddings\.patch_embedding\.", "vision.patch_embed."),
-    (r"^vision_tower\.(?:vision_model\.)?embeddings\.class_embedding$", "vision.cls_token"),
-    (r"^vision_tower\.(?:vision_model\.)?embeddings\.position_embedding\.weight$", "vision.pos_embed"),
-    (r"^vision_tower\.(?:vision_model\.)?pre_layrnorm\.", "vision.norm_pre."),
-    (r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"vision.blocks.\1.norm\2."),
-    (r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"vision.blocks.\1.\2."),
-    (r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"vision.blocks.\1.proj."),
-    (r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.mlp\.", r"vision.blocks.\1."),
+    (TOWER + r"embeddings\.patch_embedding\.", "vision.patch_embed."),
+    (TOWER + r"embeddings\.class_embedding$", "vision.cls_token"),
+    (TOWER + r"embeddings\.position_embedding\.weight$", "vision.pos_embed"),
+    (TOWER + r"pre_layrnorm\.", "vision.norm_pre."),
+    (TOWER + r"encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"vision.blocks.\1.norm\2."),
+    (TOWER + r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"vision.blocks.\1.\2."),
+    (TOWER + r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"vision.blocks.\1.proj."),
+    (TOWER + r"encoder\.layers\.(\d+)\.mlp\.", r"vision.blocks.\1."),
     (r"^multi_modal_projector\.linear_1\.", "mm_projector.0."),
     (r"^multi_modal_projector\.linear_2\.", "mm_projector.2."),
     (r"^language_model\.model\.embed_tokens\.", "llm.tok_embeddings."),

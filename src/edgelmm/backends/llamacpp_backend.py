@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result,
 from edgelmm.backends.engines import engine_options, no_methods
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError, RequestError
+from edgelmm.export.gguf import CHAT_PARTS_KEY, EOS_KEY, IMAGE_KEY, IMAGE_TOKENS_KEY
 
 OPTIONS = {
     "gguf": None,  # the GGUF file; default: spec.path when it ends in .gguf
@@ -47,10 +49,6 @@ OPTIONS = {
     "seed": 0,
     "mmproj": None,  # the vision tower and projector GGUF (edgelmm export gguf --mmproj): images
 }
-CHAT_PARTS_KEY = "edgelmm.chat_content_parts"
-EOS_KEY = "edgelmm.eos_token_ids"  # written by `edgelmm export gguf`: transformers' stop tokens
-IMAGE_KEY = "edgelmm.image_token"  # the text the chat template writes where an image goes
-IMAGE_TOKENS_KEY = "edgelmm.image_seq_length"  # visual tokens per image the language model was trained on
 
 
 def _fields(path: Path) -> dict[str, Any]:
@@ -111,6 +109,7 @@ class LlamaCppBackend(Backend):
         self._mtmd: Any = None  # the mtmd context, with a projector
         self._mtmd_lib: Any = None  # llama_cpp.mtmd_cpp, once a projector is loaded
         self._image_text = "<image>"
+        self._image_id = -1  # its token id, once a projector is loaded
         self._metadata: dict[str, Any] = {}
 
     # ------------------------------------------------------------ lifecycle
@@ -164,8 +163,10 @@ class LlamaCppBackend(Backend):
         if expected is not None and (size // patch) ** 2 != int(expected):
             raise EdgelmmError(f"{path} makes {(size // patch) ** 2} tokens per image, but the language model was "
                                f"trained on {expected}: it was made for another model")
-        if not self.llm.tokenize(self._image_text.encode(), add_bos=False, special=True)[:1]:
+        image_ids = self.llm.tokenize(self._image_text.encode(), add_bos=False, special=True)
+        if not image_ids:
             raise EdgelmmError(f"the language model has no '{self._image_text}' token for images")
+        self._image_id = image_ids[0]
         from llama_cpp._logger import llama_log_callback
 
         # mtmd logs through llama-cpp-python's own callback, which prints only errors unless verbose
@@ -249,9 +250,8 @@ class LlamaCppBackend(Backend):
         if self.llm is None:
             raise EdgelmmError("the llamacpp backend has no model loaded", "call load(spec) first")
         if request.all_images():
-            chunks, ids, _ = self._image_chunks(request)
-            self._mtmd_lib.mtmd_input_chunks_free(chunks)
-            return ids
+            with self._image_prompt(request) as (_, ids, _):
+                return ids
         if request.token_ids is not None:
             vocab = self.llm.n_vocab()
             bad = next((t for t in request.token_ids if t >= vocab), None)
@@ -259,9 +259,12 @@ class LlamaCppBackend(Backend):
                 raise RequestError(f"token id {bad} is outside the model's vocabulary (ids 0..{vocab - 1})")
             return list(request.token_ids)
         text = self.render_chat(request.messages) if request.messages is not None else request.text
+        return self.llm.tokenize(text.encode(), add_bos=self._adds_bos(text), special=True)
+
+    def _adds_bos(self, text: str) -> bool:
+        """Whether tokenizing this prompt text adds BOS: as the GGUF says, unless the text has it."""
         bos = self._special_text(self.llm.token_bos())
-        add_bos = self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" and not (bos and text.startswith(bos))
-        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+        return self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" and not (bos and text.startswith(bos))
 
     def decode(self, token_ids: list[int]) -> str:
         return self.llm.detokenize(token_ids, special=True).decode("utf-8", errors="replace")
@@ -294,10 +297,11 @@ class LlamaCppBackend(Backend):
         return scores
 
     # ------------------------------------------------------------ images
-    def _image_chunks(self, request: Request) -> tuple[Any, list[int], int]:
-        """mtmd's text and image chunks of an image request, the prompt's ids (the image token for
-        each image position, as the torch backend reports them) and its visual token count. The
-        caller frees the chunks."""
+    @contextmanager
+    def _image_prompt(self, request: Request) -> Iterator[tuple[Any, list[int], int]]:
+        """(mtmd's text and image chunks of an image request, the prompt's ids with the image
+        token at each image position as the torch backend reports them, its visual token count);
+        the chunks are freed when the block ends."""
         import ctypes
 
         self._require_projector()
@@ -311,12 +315,10 @@ class LlamaCppBackend(Backend):
         if text.count(self._image_text) != len(images):
             raise RequestError(f"the prompt has {text.count(self._image_text)} image placeholders "
                                f"('{self._image_text}') for {len(images)} images")
-        text = text.replace(self._image_text, marker)
-        bos = self._special_text(self.llm.token_bos())
         prompt = mtmd.mtmd_input_text()
-        encoded = text.encode()
+        encoded = text.replace(self._image_text, marker).encode()
         prompt.text, prompt.text_len = encoded, len(encoded)
-        prompt.add_special = self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" and not (bos and text.startswith(bos))
+        prompt.add_special = self._adds_bos(text)
         prompt.parse_special = True
         bitmaps = []
         for image in images:
@@ -325,25 +327,43 @@ class LlamaCppBackend(Backend):
             bitmaps.append(mtmd.mtmd_bitmap_init(rgb.width, rgb.height, (ctypes.c_uint8 * len(data)).from_buffer_copy(data)))
         chunks = mtmd.mtmd_input_chunks_init()
         try:
-            array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
-            if mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(prompt), array, len(bitmaps)) != 0:
-                mtmd.mtmd_input_chunks_free(chunks)
-                raise RequestError("llama.cpp could not split the prompt into text and images")
+            try:
+                array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+                if mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(prompt), array, len(bitmaps)) != 0:
+                    raise RequestError("llama.cpp could not split the prompt into text and images")
+            finally:
+                for bitmap in bitmaps:
+                    mtmd.mtmd_bitmap_free(bitmap)
+            ids: list[int] = []
+            visual = 0
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    ids += _chunk_tokens(mtmd, chunk)
+                else:
+                    n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                    ids += [self._image_id] * n
+                    visual += n
+            yield chunks, ids, visual
         finally:
-            for bitmap in bitmaps:
-                mtmd.mtmd_bitmap_free(bitmap)
-        image_id = self.llm.tokenize(self._image_text.encode(), add_bos=False, special=True)[0]
-        ids: list[int] = []
-        visual = 0
-        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                ids += _chunk_tokens(mtmd, chunk)
-            else:
-                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                ids += [image_id] * n
-                visual += n
-        return chunks, ids, visual
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def _evaluate_prompt(self, request: Request, params: SamplingParams) -> tuple[list[int], int]:
+        """Reset the context and run the request's prompt through it: its ids and visual tokens."""
+        if not request.all_images():
+            prompt = self.prompt_token_ids(request)
+            check_context(len(prompt), params, self.max_context)
+            self.llm.reset()
+            self.llm.eval(prompt)
+            return prompt, 0
+        if params.prompt_logprobs is not None:
+            raise RequestError("the llamacpp backend gives no prompt log-probabilities for image prompts",
+                               "use the torch backend to score prompts with images")
+        with self._image_prompt(request) as (chunks, prompt, visual):
+            check_context(len(prompt), params, self.max_context)
+            self.llm.reset()
+            self._eval_chunks(chunks)
+        return prompt, visual
 
     def _eval_chunks(self, chunks: Any) -> None:
         """Text chunks through llm.eval, image chunks through mtmd, at consecutive positions."""
@@ -374,20 +394,6 @@ class LlamaCppBackend(Backend):
         from edgelmm.utils.memory import PeakMemory
 
         t0 = time.perf_counter()
-        chunks, visual = None, 0
-        if request.all_images():
-            if params.prompt_logprobs is not None:
-                raise RequestError("the llamacpp backend gives no prompt log-probabilities for image prompts",
-                                   "use the torch backend to score prompts with images")
-            chunks, prompt, visual = self._image_chunks(request)
-        else:
-            prompt = self.prompt_token_ids(request)
-        try:
-            check_context(len(prompt), params, self.max_context)
-        except BaseException:
-            if chunks is not None:
-                self._mtmd_lib.mtmd_input_chunks_free(chunks)
-            raise
         rng = np.random.default_rng(params.seed if params.seed is not None else self.options["seed"])
         detok = Detokenizer(lambda ids: self.llm.detokenize(ids).decode("utf-8", errors="replace"), params.stop, self._eos)
         ids: list[int] = []
@@ -397,14 +403,7 @@ class LlamaCppBackend(Backend):
         prompt_scores = None
         finish, reason = "length", None
         with PeakMemory("cpu") as peak:
-            self.llm.reset()
-            if chunks is None:
-                self.llm.eval(prompt)
-            else:
-                try:
-                    self._eval_chunks(chunks)
-                finally:
-                    self._mtmd_lib.mtmd_input_chunks_free(chunks)
+            prompt, visual = self._evaluate_prompt(request, params)
             if params.prompt_logprobs is not None:
                 prompt_scores = self._prompt_scores(prompt, params.prompt_logprobs)
             for _ in range(params.max_new_tokens):

@@ -152,9 +152,8 @@ def export_mmproj(model: str, out: str | Path, outtype: str = "f32", overwrite: 
         writer.add_array("clip.vision.image_std", [float(x) for x in image_processor.image_std])
         writer.add_bool("clip.use_gelu", vision.get("hidden_act") == "gelu")
         for name, array in tensors:
-            if array.ndim == 4 or (outtype == "f16" and array.ndim == 2):
-                array = array.astype(np.float16)
-            writer.add_tensor(name, array.astype(np.float32) if array.dtype != np.float16 else array)
+            half = array.ndim == 4 or (outtype == "f16" and array.ndim == 2)  # the patch conv always, matrices in f16
+            writer.add_tensor(name, array.astype(np.float16 if half else np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
