@@ -37,7 +37,6 @@ from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result,
 from edgelmm.backends.engines import engine_options, no_methods
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError, RequestError
-from edgelmm.export.gguf import CHAT_PARTS_KEY, EOS_KEY, IMAGE_KEY, IMAGE_TOKENS_KEY
 
 OPTIONS = {
     "gguf": None,  # the GGUF file; default: spec.path when it ends in .gguf
@@ -49,6 +48,11 @@ OPTIONS = {
     "seed": 0,
     "mmproj": None,  # the vision tower and projector GGUF (edgelmm export gguf --mmproj): images
 }
+# edgelmm's own GGUF metadata, written by `edgelmm export gguf` and read here
+CHAT_PARTS_KEY = "edgelmm.chat_content_parts"  # the chat template reads a list of content parts (a VLM's)
+EOS_KEY = "edgelmm.eos_token_ids"  # the tokens transformers stops at
+IMAGE_KEY = "edgelmm.image_token"  # the text the chat template writes where an image goes
+IMAGE_TOKENS_KEY = "edgelmm.image_seq_length"  # visual tokens per image the language model was trained on
 
 
 def _fields(path: Path) -> dict[str, Any]:

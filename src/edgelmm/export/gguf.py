@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelmm.backends.llamacpp_backend import CHAT_PARTS_KEY, EOS_KEY, IMAGE_KEY, IMAGE_TOKENS_KEY
 from edgelmm.config import ModelSpec
 from edgelmm.errors import EdgelmmError, MissingExtraError
 from edgelmm.utils.io import as_new, output_parent
@@ -34,11 +35,6 @@ OUT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 # layouts, its choice of types per tensor (q4_k_m keeps some tensors at 6 bits), its fallbacks for
 # rows its blocks do not divide.
 LLAMA_QUANTIZED = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
-# edgelmm's own GGUF metadata, read back by the llamacpp backend
-CHAT_PARTS_KEY = "edgelmm.chat_content_parts"  # the chat template reads a list of content parts (a VLM's)
-EOS_KEY = "edgelmm.eos_token_ids"  # the tokens transformers stops at
-IMAGE_KEY = "edgelmm.image_token"  # the text the chat template writes where an image goes
-IMAGE_TOKENS_KEY = "edgelmm.image_seq_length"  # visual tokens per image the language model was trained on
 
 # Split-regex pre-tokenizers llama.cpp knows, by the name it reads from tokenizer.ggml.pre.
 _LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
