@@ -88,6 +88,7 @@ def test_prompt_logprobs_through_echo_and_chat(served):
             assert [s.logprob for s in there.prompt_logprobs[1:]] == pytest.approx(
                 [s.logprob for s in here.prompt_logprobs[1:]], abs=1e-4)
             assert there.token_ids == here.token_ids
+            assert there.text == here.text  # a whole chat answer's text is in its message
 
 
 def test_client_side_timings_and_stream(served):

@@ -112,7 +112,7 @@ def request_body(model: str, request: Request, params: SamplingParams, token_ids
     return "/completions", body
 
 
-def _server_message(response: Any) -> str:
+def server_message(response: Any) -> str:
     try:
         error = response.json().get("error", {})
         return error.get("message") if isinstance(error, dict) else str(error)
@@ -145,7 +145,10 @@ class _Answer:
     def add(self, choice: dict[str, Any], echo_tokens: int = 0) -> tuple[list[int], list[float], str]:
         """Take one choice (chunk); returns its new token ids, their logprobs and its new text."""
         self.finish = choice.get("finish_reason") or self.finish
-        text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+        if "delta" in choice or "message" in choice:  # chat: a streamed chunk, or a whole answer
+            text = (choice.get("delta") or choice.get("message") or {}).get("content")
+        else:
+            text = choice.get("text")
         text = text or ""
         entries = self.entries(choice)
         if self.prompt_ids is None and choice.get("prompt_token_ids"):
@@ -186,6 +189,38 @@ class _Answer:
             peak_memory_bytes=None, finish_reason=finish, top_logprobs=self.tops if self.params.top_logprobs else None,
             prompt_token_ids=self.prompt_ids, prompt_logprobs=self.prompt_scores,
         )
+
+
+def _chat_prompt_scores(entries: Any, prompt_ids: list[int] | None) -> list[TokenScore] | None:
+    """vLLM's chat `prompt_logprobs`: per prompt token None or {token id: {logprob, ...}}."""
+    if entries is None:
+        raise EdgelmmError("the server sent no prompt_logprobs for a chat request",
+                           "ask a server that supports them (vLLM, edgelmm serve) or send the prompt to completions")
+    scores = []
+    for i, entry in enumerate(entries):
+        token = prompt_ids[i] if prompt_ids else None
+        if not entry:
+            scores.append(TokenScore(token if token is not None else -1, None))
+            continue
+        pairs = sorted(((int(k), float(v["logprob"] if isinstance(v, dict) else v)) for k, v in entry.items()),
+                       key=lambda p: -p[1])
+        chosen = token if token is not None else pairs[0][0]
+        logprob = next((lp for t, lp in pairs if t == chosen), None)
+        scores.append(TokenScore(chosen, logprob, pairs))
+    return scores
+
+
+def whole_result(route: str, body: dict[str, Any], response: dict[str, Any], params: SamplingParams, t0: float,
+                 end: float) -> Result:
+    """The Result of a request that `request_body` built and the server answered whole (not streamed)."""
+    answer = _Answer(params)
+    answer.usage = response.get("usage")
+    [choice] = response.get("choices") or [{}]
+    echo = int((answer.usage or {}).get("prompt_tokens") or len(choice.get("prompt_token_ids") or [])) if "echo" in body else 0
+    answer.add(choice, echo_tokens=echo)
+    if route == "/chat/completions" and params.prompt_logprobs is not None:
+        answer.prompt_scores = _chat_prompt_scores(response.get("prompt_logprobs"), answer.prompt_ids)
+    return answer.result([end] * len(answer.ids), t0, end)
 
 
 class OpenAIBackend(Backend):
@@ -254,7 +289,7 @@ class OpenAIBackend(Backend):
             if response.status_code in RETRY_STATUS and self._failure(attempt):
                 continue
             if response.status_code != 200:
-                raise EdgelmmError(f"{url} answered {response.status_code}: {_server_message(response)}")
+                raise EdgelmmError(f"{url} answered {response.status_code}: {server_message(response)}")
             try:
                 return response.json()
             except ValueError:
@@ -276,7 +311,7 @@ class OpenAIBackend(Backend):
             if response.status_code in RETRY_STATUS and self._failure(attempt):
                 continue
             if response.status_code != 200:
-                raise EdgelmmError(f"{url} answered {response.status_code}: {_server_message(response)}")
+                raise EdgelmmError(f"{url} answered {response.status_code}: {server_message(response)}")
             return response.json()
         raise AssertionError("unreachable")
 
@@ -293,7 +328,7 @@ class OpenAIBackend(Backend):
                         response.read()
                         if response.status_code in RETRY_STATUS and self._failure(attempt):
                             continue
-                        raise EdgelmmError(f"{url} answered {response.status_code}: {_server_message(response)}")
+                        raise EdgelmmError(f"{url} answered {response.status_code}: {server_message(response)}")
                     for line in response.iter_lines():
                         if not line.startswith("data:"):
                             continue
@@ -388,35 +423,7 @@ class OpenAIBackend(Backend):
         t0 = time.perf_counter()
         route, body = request_body(self.model, request, params, True, stream=False, explicit=self.options["explicit_sampling"])
         response = self._post(route, body)
-        end = time.perf_counter()
-        answer = _Answer(params)
-        answer.usage = response.get("usage")
-        [choice] = response.get("choices") or [{}]
-        echo = int((answer.usage or {}).get("prompt_tokens") or len(choice.get("prompt_token_ids") or [])) if "echo" in body else 0
-        answer.add(choice, echo_tokens=echo)
-        if route == "/chat/completions":
-            answer.prompt_scores = self._chat_prompt_scores(response.get("prompt_logprobs"), answer.prompt_ids)
-        stamps = [end] * len(answer.ids)
-        return answer.result(stamps, t0, end)
-
-    @staticmethod
-    def _chat_prompt_scores(entries: Any, prompt_ids: list[int] | None) -> list[TokenScore] | None:
-        """vLLM's chat `prompt_logprobs`: per prompt token None or {token id: {logprob, ...}}."""
-        if entries is None:
-            raise EdgelmmError("the server sent no prompt_logprobs for a chat request",
-                               "ask a server that supports them (vLLM, edgelmm serve) or send the prompt to completions")
-        scores = []
-        for i, entry in enumerate(entries):
-            token = prompt_ids[i] if prompt_ids else None
-            if not entry:
-                scores.append(TokenScore(token if token is not None else -1, None))
-                continue
-            pairs = sorted(((int(k), float(v["logprob"] if isinstance(v, dict) else v)) for k, v in entry.items()),
-                           key=lambda p: -p[1])
-            chosen = token if token is not None else pairs[0][0]
-            logprob = next((lp for t, lp in pairs if t == chosen), None)
-            scores.append(TokenScore(chosen, logprob, pairs))
-        return scores
+        return whole_result(route, body, response, params, t0, time.perf_counter())
 
     def _one(self, request: Request, params: SamplingParams) -> Result:
         for event in self.stream(request, params):

@@ -259,8 +259,7 @@ async def _items(first: StreamItem, rest: Stream) -> AsyncIterator[StreamItem]:
 
 async def health(request: HttpRequest) -> dict[str, Any]:
     state = _state(request)
-    return {"status": "ok", "model": state.config.model_name, "waiting": state.engine.queued,
-            "running": state.engine.running}
+    return {"status": "ok", "model": state.config.model_name, **state.engine.status()}
 
 
 async def prometheus(request: HttpRequest) -> PlainTextResponse:
@@ -313,6 +312,8 @@ async def chat_completions(request: HttpRequest) -> Response:
                   "usage": result_usage([result])}
         if result.prompt_logprobs is not None:
             answer["prompt_logprobs"] = vllm_prompt_logprobs(result.prompt_logprobs, names)
+        if done.extension is not None:
+            answer["edgelmm"] = done.extension
         _observe(state, started, [result], done.queued_s + result.timings.ttft_s)
         return JSONResponse(answer)
 
@@ -330,8 +331,10 @@ async def chat_completions(request: HttpRequest) -> Response:
             event = item.event
             if event.result is not None:
                 result = event.result
-                yield chunk({}, **choice_ids({"finish_reason": result.finish_reason, "stop_reason": result.stop_reason},
-                                             result, None))
+                last = choice_ids({"finish_reason": result.finish_reason, "stop_reason": result.stop_reason}, result, None)
+                yield chunk({}, **last) if item.extension is None else _sse(
+                    {**head, "object": "chat.completion.chunk", "edgelmm": item.extension,
+                     "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": None, **last}]})
                 if body.include_usage:
                     yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": result_usage([result])})
                 _observe(state, started, [result], ttft)
@@ -395,7 +398,10 @@ async def completions(request: HttpRequest) -> Response:
         results = [d.result for d in done_all]
         _observe(state, started, results, min(d.queued_s + d.result.timings.ttft_s for d in done_all))
         if not body.stream:
-            return JSONResponse({**head, "object": "text_completion", "choices": choices, "usage": result_usage(results)})
+            answer = {**head, "object": "text_completion", "choices": choices, "usage": result_usage(results)}
+            if any(d.extension is not None for d in done_all):
+                answer["edgelmm"] = [d.extension for d in done_all]  # one per choice
+            return JSONResponse(answer)
 
         async def replay() -> AsyncIterator[str]:
             for c in choices:

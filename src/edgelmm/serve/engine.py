@@ -30,12 +30,14 @@ class Completion:
     result: Result
     queued_s: float = 0.0  # time spent waiting for the engine
     texts: dict[int, str] = field(default_factory=dict)  # token id -> text, for log-probability entries
+    extension: dict[str, Any] | None = None  # sent as the answer's `edgelmm` field (where it was served, ...)
 
 
 @dataclass
 class StreamItem:
     event: TokenEvent
     texts: dict[int, str]  # token id -> text of the event's token and its alternatives
+    extension: dict[str, Any] | None = None  # on the last item: as Completion.extension
 
 
 def scored_ids(result: Result) -> list[int]:
@@ -62,6 +64,7 @@ class _Job:
     queue: asyncio.Queue | None = None
     cancelled: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
+    texts: bool = True  # look up the text of every scored token (for log-probability entries)
 
     @property
     def batchable(self) -> bool:
@@ -115,6 +118,10 @@ class Engine:
     def queued(self) -> int:
         return len(self._jobs)
 
+    def status(self) -> dict[str, Any]:
+        """What /health reports about the engine."""
+        return {"waiting": self.queued, "running": self.running}
+
     def close(self) -> None:
         with self._ready:
             self._stopping = True
@@ -132,10 +139,12 @@ class Engine:
             self._jobs.append(job)
             self._ready.notify()
 
-    async def complete(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True) -> Completion:
-        """Run one request to its end."""
+    async def complete(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True,
+                       texts: bool = True) -> Completion:
+        """Run one request to its end. `texts=False` skips the token texts of its log-probabilities
+        (a caller that scores them itself, as the collab router does, needs none)."""
         loop = asyncio.get_running_loop()
-        job = _Job(request, params, explicit_max_tokens, stream=False, loop=loop, future=loop.create_future())
+        job = _Job(request, params, explicit_max_tokens, stream=False, loop=loop, future=loop.create_future(), texts=texts)
         self._submit(job)
         try:
             return await job.future
@@ -150,10 +159,11 @@ class Engine:
         self._submit(job)
         return await job.future
 
-    def open_stream(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True) -> Stream:
+    def open_stream(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True,
+                    texts: bool = True) -> Stream:
         """Queue a streaming job; iterate the Stream for its tokens. Call from the event loop."""
         loop = asyncio.get_running_loop()
-        job = _Job(request, params, explicit_max_tokens, stream=True, loop=loop, queue=asyncio.Queue())
+        job = _Job(request, params, explicit_max_tokens, stream=True, loop=loop, queue=asyncio.Queue(), texts=texts)
         self._submit(job)
         return Stream(job)
 
@@ -256,7 +266,7 @@ class Engine:
                     self._deliver(job, error)
                 continue
             for (job, params), result in zip(group, results):
-                wanted = params.wants_logprobs or params.prompt_logprobs is not None
+                wanted = job.texts and (params.wants_logprobs or params.prompt_logprobs is not None)
                 texts = self._texts(scored_ids(result)) if wanted else {}
                 self._deliver(job, Completion(result, started - job.enqueued, texts))
 
@@ -275,7 +285,7 @@ class Engine:
                     if job.cancelled:
                         log.info("client went away mid-stream: stopping its generation")
                         return
-                    ids = [] if event.token_id is None or not params.wants_logprobs else [event.token_id] + [t for t, _ in event.top or []]
+                    ids = [] if event.token_id is None or not params.wants_logprobs or not job.texts else [event.token_id] + [t for t, _ in event.top or []]
                     self._deliver(job, StreamItem(event, self._texts(ids) if ids else {}))
             finally:
                 close = getattr(events, "close", None)

@@ -72,7 +72,9 @@ class Metrics:
             Gauge("edgelmm_requests_waiting", "Requests queued for the engine.", queued),
             Gauge("edgelmm_requests_running", "Requests in the model right now.", running),
         )
+        self.extra: list[Counter | Gauge | Histogram] = []  # what a server built on this one adds
 
     def render(self) -> str:
-        parts = (self.requests, self.errors, self.prompt_tokens, self.generation_tokens, self.ttft, self.latency, *self.gauges)
+        parts = (self.requests, self.errors, self.prompt_tokens, self.generation_tokens, self.ttft, self.latency, *self.gauges,
+                 *self.extra)
         return "\n".join(line for part in parts for line in part.render()) + "\n"

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,12 @@ def _media_dir(path: str | Path | None) -> Path | None:
 
 
 def build(spec: ModelSpec, backend: str = "torch", api_key: str | None = None, local_media_dir: str | Path | None = None,
-          limits: Limits | None = None, served_name: str | None = None) -> tuple[Any, Any]:
+          limits: Limits | None = None, served_name: str | None = None, wrap: Callable[[Any], Any] | None = None,
+          ) -> tuple[Any, Any]:
     """(app, engine): the model loaded into `backend` (methods in spec.methods applied at load);
-    local image files are read only under `local_media_dir`."""
+    local image files are read only under `local_media_dir`. `wrap` puts another engine with the
+    Engine's interface in front of it (`edgelmm collab serve`: routing); one with an `attach(app)`
+    method is handed the app once it exists."""
     _uvicorn()
     from edgelmm.backends.registry import load
     from edgelmm.serve.app import ServerConfig, create_app
@@ -46,8 +50,13 @@ def build(spec: ModelSpec, backend: str = "torch", api_key: str | None = None, l
     limits = limits or Limits()
     media_dir = _media_dir(local_media_dir)
     engine = Engine(load(spec, backend), limits.max_batch_size, limits.max_queue, limits.max_context)
+    if wrap is not None:
+        engine = wrap(engine)
     config = ServerConfig(served_name or spec.display_name, api_key, media_dir, limits)
-    return create_app(engine, config), engine
+    app = create_app(engine, config)
+    if hasattr(engine, "attach"):
+        engine.attach(app)
+    return app, engine
 
 
 def _is_loopback(host: str) -> bool:
@@ -77,13 +86,13 @@ def check_address(host: str, port: int) -> None:
 
 def run_server(spec: ModelSpec, backend: str = "torch", host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, local_media_dir: str | Path | None = None, limits: Limits | None = None,
-               served_name: str | None = None, log_level: str = "info") -> None:
+               served_name: str | None = None, log_level: str = "info", wrap: Callable[[Any], Any] | None = None) -> None:
     """Serve until interrupted. Binding beyond loopback without an API key gets a warning; the
     address is checked before the model loads."""
     uvicorn = _uvicorn()
     check_address(host, port)
     limits = limits or Limits()
-    app, engine = build(spec, backend, api_key, local_media_dir, limits, served_name)
+    app, engine = build(spec, backend, api_key, local_media_dir, limits, served_name, wrap)
     if not _is_loopback(host) and api_key is None:
         print(f"edgelmm: warning: serving on {host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
@@ -112,7 +121,8 @@ class BackgroundServer:
     def __init__(self, app: Any, port: int | None = None, host: str = "127.0.0.1"):
         uvicorn = _uvicorn()
         self.host, self.port = host, port or free_port(host)
-        limits = app.state.server.config.limits
+        server = getattr(app.state, "server", None)  # an edgelmm app; any other ASGI app gets the default limits
+        limits = server.config.limits if server is not None else Limits()
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
                                                     timeout_graceful_shutdown=2, **connection_limits(limits)))
         self.thread = threading.Thread(target=self.server.run, name="edgelmm-server", daemon=True)
