@@ -199,8 +199,9 @@ def _options(pairs: list[str] | None) -> dict[str, object]:
     return options
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from edgelmm.serve import Limits, run_server
+def _limits(args: argparse.Namespace):
+    """The server's limits from its flags (each must be positive); the address checked too."""
+    from edgelmm.serve import Limits
     from edgelmm.serve.server import check_address
 
     for flag in ("max_tokens", "max_context", "max_batch_size", "max_body_mb", "max_image_mb", "max_connections",
@@ -209,14 +210,130 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise EdgelmmError(f"--{flag.replace('_', '-')} must be positive, got {value:g}")
     check_address(args.host, args.port)  # before the model loads: a port in use fails in a second
-    spec = _spec(path=args.model, device=args.device, dtype=args.dtype, methods=args.method or [], options=_options(args.option))
-    limits = Limits(
+    return Limits(
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
         max_tokens=args.max_tokens, max_context=args.max_context, max_batch_size=args.max_batch_size,
         max_connections=args.max_connections, body_timeout_s=args.body_timeout_s,
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edgelmm.serve import run_server
+
+    limits = _limits(args)
+    spec = _spec(path=args.model, device=args.device, dtype=args.dtype, methods=args.method or [], options=_options(args.option))
     run_server(spec, args.backend, args.host, args.port, args.api_key, args.allowed_local_media_path, limits,
                args.served_model_name, "debug" if args.debug else "info")
+    return 0
+
+
+# ---------------------------------------------------------------- edge-cloud collaboration
+
+
+def _policy(args: argparse.Namespace):
+    from edgelmm.collab.policy import load_policy
+
+    policy = load_policy(args.policy)
+    if args.threshold is not None:
+        if not 0 <= args.threshold <= 1:
+            raise EdgelmmError(f"--threshold {args.threshold:g} is outside [0, 1]", "a confidence threshold is between 0 and 1")
+        policy = policy.model_copy(update={"threshold": args.threshold})
+    return policy
+
+
+def _cloud_settings(args: argparse.Namespace, policy):
+    """The cloud client's settings from the flags; None where the policy needs no cloud."""
+    from edgelmm.collab.client import CloudSettings
+
+    if args.cloud is None:
+        if policy.mode != "edge":
+            raise EdgelmmError(f"policy mode '{policy.mode}' needs a cloud", "give --cloud URL, or --policy edge")
+        return None
+    if args.request_log:
+        import logging
+
+        handler = logging.FileHandler(args.request_log)
+        logger = logging.getLogger("edgelmm.collab")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return CloudSettings(args.cloud, args.cloud_model, args.cloud_api_key, timeout_s=args.cloud_timeout_s,
+                         retries=args.cloud_retries, rtt_ms=args.rtt_ms, loss=args.loss)
+
+
+def _edge_spec(args: argparse.Namespace):
+    return _spec(path=args.edge, device=args.device, dtype=args.dtype, options=_options(args.edge_option))
+
+
+def cmd_collab(args: argparse.Namespace) -> int:
+    return {"serve": _collab_serve, "run": _collab_run, "calibrate": _collab_calibrate, "ablate": _collab_ablate}[args.verb](args)
+
+
+def _collab_serve(args: argparse.Namespace) -> int:
+    from edgelmm.collab.server import check_cloud, wrap
+    from edgelmm.serve import run_server
+
+    limits = _limits(args)
+    policy = _policy(args)
+    settings = _cloud_settings(args, policy)
+    cloud = check_cloud(settings) if settings is not None else None  # before the model loads
+    run_server(_edge_spec(args), args.edge_backend, args.host, args.port, args.api_key, args.allowed_local_media_path,
+               limits, args.served_model_name, "debug" if args.debug else "info", wrap=wrap(policy, cloud))
+    return 0
+
+
+def _collab_run(args: argparse.Namespace) -> int:
+    from edgelmm.collab.chat import answer_once
+
+    policy = _policy(args)
+    routed = answer_once(_edge_spec(args), args.edge_backend, _cloud_settings(args, policy), policy, args.prompt,
+                         args.image, args.max_tokens)
+    print(routed.result.text)
+    print(json.dumps(routed.info()), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from edgelmm.collab.chat import chat
+
+    policy = _policy(args)
+    chat(_edge_spec(args), args.edge_backend, _cloud_settings(args, policy), policy, args.max_tokens, args.system)
+    return 0
+
+
+def _collab_calibrate(args: argparse.Namespace) -> int:
+    from edgelmm.collab.calibrate import calibrate_policy
+    from edgelmm.collab.policy import Policy
+    from edgelmm.config import TaskSpec, validate
+
+    if args.samples < 1:
+        raise EdgelmmError(f"--samples must be at least 1, got {args.samples}")
+    base = validate(Policy, {"strategy": args.strategy, "aggregate": args.aggregate, "first_k": args.first_k,
+                             **({"early_k": args.early_k} if args.early_k else {})}, "command line")
+    task = validate(TaskSpec, {"name": args.task, "samples": args.samples, "seed": args.seed,
+                               **({"path": args.task_file} if args.task_file else {}),
+                               **({"max_new_tokens": args.max_tokens} if args.max_tokens else {})}, "command line")
+    if Path(args.out).exists() and not args.overwrite:
+        raise EdgelmmError(f"{args.out} already exists", "choose another --out or pass --overwrite")
+    policy = calibrate_policy(_edge_spec(args), args.edge_backend, _cloud_settings(args, base), base, task,
+                              args.target_share, args.target_quality, args.out)
+    fitted = policy.fitted or {}
+    print(f"{policy.label()}: cloud share {fitted['cloud_share']:.1%}, accuracy {fitted['accuracy']:.1%} on "
+          f"{fitted['samples']} samples of seed {args.seed} (edge alone {fitted['edge_accuracy']:.1%}, "
+          f"cloud alone {fitted['cloud_accuracy']:.1%})")
+    print(f"policy: {args.out}")
+    return 0
+
+
+def _collab_ablate(args: argparse.Namespace) -> int:
+    from edgelmm.collab.ablate import AblateConfig, run_ablation
+    from edgelmm.config import load_yaml
+
+    config = load_yaml(args.config, AblateConfig)
+    if args.out is None:
+        Path("runs").mkdir(exist_ok=True)  # the default home of runs, as bench's
+    report = run_ablation(config, args.out or f"runs/{config.name}", args.append)
+    print(report.read_text())
+    print(f"report: {report}")
     return 0
 
 
@@ -293,6 +410,86 @@ def cmd_quant_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    """The HTTP server's flags, shared by `serve` and `collab serve`."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("EDGELMM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default $EDGELMM_API_KEY)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
+    p.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="accept local paths / file:// URLs as images, from this folder only")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens one request may generate")
+    p.add_argument("--max-context", type=int, help="prompt + generated tokens (default: the model's)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="waiting requests run together")
+    p.add_argument("--max-body-mb", type=float, default=20.0)
+    p.add_argument("--max-image-mb", type=float, default=10.0)
+    p.add_argument("--max-connections", type=int, default=64, help="open connections at once; more get 503")
+    p.add_argument("--body-timeout-s", type=float, default=30.0, help="drop a request body that stalls this long")
+
+
+def _add_edge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--edge", required=True, help="the edge model: bundled name, checkpoint dir, or .gguf (--edge-backend llamacpp)")
+    p.add_argument("--edge-backend", default="torch", help="in-process engine for the edge: torch, llamacpp")
+    p.add_argument("--edge-option", action="append", help="edge engine option KEY=VALUE (repeatable), e.g. mmproj=FILE")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    p.add_argument("--policy", help="routing policy: a YAML file (edgelmm collab calibrate writes one) or a mode: "
+                   "route, edge, cloud, escalate (default: route with the default policy)")
+    p.add_argument("--threshold", type=float, help="override the policy's threshold (0..1)")
+
+
+def _add_cloud_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--cloud", required=required, help="the cloud's API root, any OpenAI-compatible server, e.g. http://HOST:8000/v1")
+    p.add_argument("--cloud-model", help="the model the cloud serves (default: its only one)")
+    p.add_argument("--cloud-api-key", default=os.environ.get("EDGELMM_CLOUD_API_KEY"),
+                   help="bearer key for the cloud (default $EDGELMM_CLOUD_API_KEY)")
+    p.add_argument("--cloud-timeout-s", type=float, default=10.0,
+                   help="bound on one cloud call, retries included; past it the edge answers")
+    p.add_argument("--cloud-retries", type=int, default=2, help="tries after the first, for connection errors and 5xx")
+    p.add_argument("--rtt-ms", type=float, default=0.0, help="inject this round-trip delay on cloud calls (experiments)")
+    p.add_argument("--loss", type=float, default=0.0, help="inject this share of dropped cloud tries (experiments)")
+    p.add_argument("--request-log", help="append one JSON line per cloud call to this file")
+
+
+def _add_collab_parsers(p: argparse.ArgumentParser) -> None:
+    verbs = p.add_subparsers(dest="verb", required=True)
+    serve = verbs.add_parser("serve", help="an OpenAI-compatible edge server that asks the cloud when unsure")
+    _add_edge_args(serve)
+    _add_cloud_args(serve, required=False)
+    _add_server_args(serve)
+    run = verbs.add_parser("run", help="answer one request through the edge and the cloud, and say who answered")
+    _add_edge_args(run)
+    _add_cloud_args(run, required=False)
+    run.add_argument("prompt", help="the question")
+    run.add_argument("--image", action="append", default=[], help="an image file for the question (repeatable)")
+    run.add_argument("--max-tokens", type=int, default=64)
+    cal = verbs.add_parser("calibrate", help="fit a policy's threshold (and temperature) on a task split")
+    _add_edge_args(cal)
+    _add_cloud_args(cal)
+    cal.add_argument("--task", default="shapes-vqa")
+    cal.add_argument("--task-file", help="JSONL file for the vqa-jsonl / mc-jsonl tasks")
+    cal.add_argument("--samples", type=int, default=200)
+    cal.add_argument("--seed", type=int, default=1, help="the calibration split (report on another)")
+    cal.add_argument("--strategy", default="max_prob", help="confidence strategy spec, e.g. entropy, temperature, "
+                     "'top_mass(k=2)', 'ensemble(members=[\"max_prob\", \"entropy\"])'")
+    cal.add_argument("--aggregate", choices=["mean", "min", "first"], default="mean")
+    cal.add_argument("--first-k", type=int, default=4, help="tokens the 'first' aggregate uses")
+    cal.add_argument("--early-k", type=int, help="decide after the edge's first k tokens")
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-share", type=float, help="the share of requests the cloud may get (0..1)")
+    target.add_argument("--target-quality", type=float, help="the share of the cloud's accuracy to keep (0..1]")
+    cal.add_argument("--max-tokens", type=int, help="answer limit (default: the task's)")
+    cal.add_argument("--out", required=True, help="the policy file to write (YAML)")
+    cal.add_argument("--overwrite", action="store_true")
+    ablate = verbs.add_parser("ablate", help="presets x tasks x RTTs, resumable, with report.md and plots")
+    ablate.add_argument("config", help="ablation YAML (see configs/experiments/collab_demo.yaml)")
+    ablate.add_argument("--out", help="output folder (default runs/<name>)")
+    ablate.add_argument("--append", action="store_true", help="add to a folder that holds cells made with other settings")
+    for verb in (serve, run, cal, ablate):
+        verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgelmm", description="Edge LMM Optimizer: run, optimize and measure VLMs on edge devices.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -307,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check-env": (cmd_check_env, "Python, torch, CUDA, memory and optional engines"),
         "models": (cmd_models, "bundled models and supported architectures"),
         "serve": (cmd_serve, "OpenAI-compatible HTTP server over an in-process backend"),
+        "collab": (cmd_collab, "edge-cloud collaboration: serve, run, calibrate, ablate"),
+        "chat": (cmd_chat, "an interactive terminal chat with the edge, asking the cloud when unsure"),
         "export": (cmd_export, "export a model to another engine's format (gguf)"),
         "quantize": (cmd_quantize, "quantize a model's weights (RTN or AWQ) and save a compressed-tensors checkpoint"),
         "convert": (cmd_convert, "rewrite a quantized checkpoint in AutoAWQ's GEMM layout (LMDeploy, vLLM awq)"),
@@ -336,22 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--backend", default="torch", help="in-process engine: torch, llamacpp, vllm, lmdeploy")
             p.add_argument("--method", action="append", help="method applied at load, e.g. 'fastv(k=2,keep=0.25)' (repeatable)")
             p.add_argument("--option", action="append", help="engine option KEY=VALUE, e.g. logits_all=true (repeatable)")
-            p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-            p.add_argument("--port", type=int, default=8000)
-            p.add_argument("--api-key", default=os.environ.get("EDGELMM_API_KEY"),
-                           help="require 'Authorization: Bearer KEY' on every route but /health (default $EDGELMM_API_KEY)")
-            p.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
-            p.add_argument("--allowed-local-media-path", metavar="DIR",
-                           help="accept local paths / file:// URLs as images, from this folder only")
             p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
             p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
-            p.add_argument("--max-tokens", type=int, default=1024, help="most tokens one request may generate")
-            p.add_argument("--max-context", type=int, help="prompt + generated tokens (default: the model's)")
-            p.add_argument("--max-batch-size", type=int, default=8, help="waiting requests run together")
-            p.add_argument("--max-body-mb", type=float, default=20.0)
-            p.add_argument("--max-image-mb", type=float, default=10.0)
-            p.add_argument("--max-connections", type=int, default=64, help="open connections at once; more get 503")
-            p.add_argument("--body-timeout-s", type=float, default=30.0, help="drop a request body that stalls this long")
+            _add_server_args(p)
+        elif name == "collab":
+            _add_collab_parsers(p)
+        elif name == "chat":
+            _add_edge_args(p)
+            _add_cloud_args(p, required=False)
+            p.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
+            p.add_argument("--system", help="a system message for the whole chat")
         elif name == "export":
             formats = p.add_subparsers(dest="format", required=True)
             gguf = formats.add_parser("gguf", help="the language model of a Llama/Qwen2-family checkpoint, for llama.cpp")

@@ -248,7 +248,7 @@ def bundled_config(path: str | Path, kind: str = "experiments") -> Path:
 
 
 def load_yaml(path: str | Path, schema: type[S]) -> S:
-    path = bundled_config(path) if schema is BenchConfig else Path(path)
+    path = Path(path) if schema is HardwareProfile else bundled_config(path)
     if not path.is_file():
         raise EdgelmmError(f"config file not found: {path}", "check the path")
     try:

@@ -221,3 +221,12 @@ CALIBRATION_SOURCES: Registry[Any] = Registry("calibration source", {
     "shapes": "edgelmm.demo.calibration:caption_texts",
     "shapes-images": "edgelmm.demo.calibration:image_batches",
 })
+
+# Confidence strategies of edge-cloud routing (edgelmm.collab.confidence).
+CONFIDENCE: Registry[Any] = Registry("confidence strategy", {
+    "max_prob": "edgelmm.collab.confidence:MaxProb",
+    "entropy": "edgelmm.collab.confidence:Entropy",
+    "temperature": "edgelmm.collab.confidence:Temperature",
+    "top_mass": "edgelmm.collab.confidence:TopMass",
+    "ensemble": "edgelmm.collab.confidence:Ensemble",
+})

@@ -1,0 +1,96 @@
+"""When the edge asks the cloud: a routing policy, saved as YAML by `edgelmm collab calibrate`.
+
+    mode: route                  # route | edge (never ask) | cloud (never run the edge) | escalate (always ask)
+    strategy: temperature(temperature=1.8)
+    aggregate: mean              # over the answer's tokens: mean | min | first (the first `first_k`)
+    threshold: 0.62              # ask the cloud when the edge's confidence is below this
+    early_k: null                # decide after the edge's first k tokens instead of its whole answer
+    top_logprobs: 5              # alternatives the edge returns per token (entropy, top-k mass)
+
+`--policy` takes such a file or a mode's name (the other fields at their defaults).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+
+from edgelmm.backends.base import Result
+from edgelmm.collab.confidence import Strategy, parse_strategy, positions
+from edgelmm.config import Schema, validate
+from edgelmm.errors import EdgelmmError
+from edgelmm.utils.io import atomic_write_text
+
+MODES = ("route", "edge", "cloud", "escalate")
+
+
+class Policy(Schema):
+    mode: Literal["route", "edge", "cloud", "escalate"] = "route"
+    strategy: str = "max_prob"
+    aggregate: Literal["mean", "min", "first"] = "mean"
+    first_k: int = Field(4, ge=1)
+    threshold: float = Field(0.9, ge=0.0, le=1.0)
+    early_k: int | None = Field(None, ge=1)
+    top_logprobs: int = Field(5, ge=1, le=20)
+    fitted: dict[str, Any] | None = None  # what calibration measured, for the record
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        try:
+            return str(parse_strategy(value))
+        except EdgelmmError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def scorer(self) -> Strategy:
+        return parse_strategy(self.strategy)
+
+    @property
+    def runs_edge(self) -> bool:
+        return self.mode != "cloud"
+
+    def confidence(self, result: Result, tokens: int | None = None) -> float:
+        """The edge answer's confidence (over its first `tokens` tokens when given)."""
+        found = positions(result.logprobs, result.top_logprobs)
+        return self.scorer.sequence(found[:tokens] if tokens else found, self.aggregate, self.first_k)
+
+    def escalates(self, confidence: float | None) -> bool:
+        """Whether an edge answer of this confidence goes to the cloud."""
+        if self.mode in ("cloud", "escalate"):
+            return True
+        if self.mode == "edge":
+            return False
+        return confidence is None or confidence < self.threshold
+
+    def label(self) -> str:
+        if self.mode != "route":
+            return self.mode
+        early = f", early_k={self.early_k}" if self.early_k else ""
+        return f"{self.strategy} [{self.aggregate}] < {self.threshold:.3g}{early}"
+
+
+def load_policy(source: str | Path | Policy | None) -> Policy:
+    """A policy from a YAML/JSON file, a mode's name, or None (the default routing policy)."""
+    if source is None or isinstance(source, Policy):
+        return source or Policy()
+    if str(source) in MODES:
+        return Policy(mode=str(source))
+    path = Path(source)
+    if not path.is_file():
+        raise EdgelmmError(f"policy '{source}' is neither a file nor a mode", f"give a policy file or one of {', '.join(MODES)}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EdgelmmError(f"{path}: the policy file does not parse: {str(exc).splitlines()[0]}",
+                           "write it as `edgelmm collab calibrate` does (YAML)") from None
+    if not isinstance(data, dict):
+        raise EdgelmmError(f"{path}: a policy file holds a mapping (mode, strategy, threshold, ...)")
+    return validate(Policy, data, str(path))
+
+
+def save_policy(policy: Policy, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(policy.model_dump(exclude_none=True), sort_keys=False))
