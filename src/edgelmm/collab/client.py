@@ -12,12 +12,13 @@ prompts to /completions) and are answered whole.
 - A circuit breaker: after `breaker_failures` failed calls in a row it opens and calls fail at
   once (no waiting on a dead cloud); after `breaker_reset_s` one caller probes the cloud with a
   cheap `GET /models` (half-open) and closes it again when that answers.
-- Each call is logged as one JSON line on the `edgelmm.collab` logger (event, status, tries,
-  seconds, error).
+- Each call is logged as one JSON line on the `edgelmm.collab` logger (event, ok, reason,
+  tries, seconds, error).
 - Faults for experiments are injected on the client side (`rtt_ms`: half before the request is
   sent, half after the answer arrives; `loss`: a share of generation tries dropped as
-  connection errors before they leave, health probes spared), through an httpx transport wrapper, so that loopback experiments see a
-  WAN's round trip without a proxy. Bandwidth is not modelled.
+  connection errors before they leave, health probes spared), through an httpx transport
+  wrapper, so that loopback experiments see a WAN's round trip without a proxy. Bandwidth is
+  not modelled.
 """
 
 from __future__ import annotations
