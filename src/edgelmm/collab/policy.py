@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from edgelmm.backends.base import Result
 from edgelmm.collab.confidence import Strategy, parse_strategy, positions
-from edgelmm.config import Schema, validate
+from edgelmm.config import SamplingParams, Schema, validate
 from edgelmm.errors import EdgelmmError
 from edgelmm.utils.io import atomic_write_text
 
@@ -57,6 +57,10 @@ class Policy(Schema):
         """The edge answer's confidence (over its first `tokens` tokens when given)."""
         found = positions(result.logprobs, result.top_logprobs)
         return self.scorer.sequence(found[:tokens] if tokens else found, self.aggregate, self.first_k)
+
+    def edge_params(self, params: SamplingParams) -> SamplingParams:
+        """`params` asking the edge for what the confidence needs: log-probabilities and top_logprobs alternatives."""
+        return params.model_copy(update={"logprobs": True, "top_logprobs": max(params.top_logprobs, self.top_logprobs)})
 
     def escalates(self, confidence: float | None) -> bool:
         """Whether an edge answer of this confidence goes to the cloud."""

@@ -106,6 +106,8 @@ class Router:
         if request.kind == "token_ids" or params.prompt_logprobs is not None:
             reason = "token-id prompt: edge only" if request.kind == "token_ids" else "prompt scoring: edge only"
             routed = await self._edge_only(request, params, explicit_max_tokens, started, reason)
+        elif self.policy.mode == "edge":
+            routed = await self._edge_only(request, params, explicit_max_tokens, started, None)
         elif not self.policy.runs_edge:
             routed = await self._cloud_first(request, params, explicit_max_tokens, started)
         elif self.policy.early_k and self.policy.mode == "route":
@@ -117,9 +119,6 @@ class Router:
         return routed
 
     # ------------------------------------------------------------ the edge's side
-    def _edge_params(self, params: SamplingParams) -> SamplingParams:
-        return params.model_copy(update={"logprobs": True, "top_logprobs": max(params.top_logprobs, self.policy.top_logprobs)})
-
     @staticmethod
     def _as_asked(result: Result, params: SamplingParams) -> Result:
         """The edge's result with only the log-probabilities the user asked for."""
@@ -139,9 +138,7 @@ class Router:
 
     async def _whole(self, request: Request, params: SamplingParams, explicit: bool, started: float) -> Routed:
         assert self.edge is not None
-        if self.policy.mode == "edge":
-            return await self._edge_only(request, params, explicit, started, None)
-        done = await self.edge.complete(request, self._edge_params(params), explicit, texts=params.wants_logprobs)
+        done = await self.edge.complete(request, self.policy.edge_params(params), explicit, texts=params.wants_logprobs)
         edge_s = done.queued_s + done.result.timings.e2e_s
         confidence = self.policy.confidence(done.result)
         edge = self._as_asked(done.result, params)
@@ -154,7 +151,7 @@ class Router:
     async def _early(self, request: Request, params: SamplingParams, explicit: bool, started: float) -> Routed:
         """Decide after the edge's first early_k tokens (see the module doc)."""
         assert self.edge is not None and self.policy.early_k
-        stream = self.edge.open_stream(request, self._edge_params(params), explicit, texts=params.wants_logprobs)
+        stream = self.edge.open_stream(request, self.policy.edge_params(params), explicit, texts=params.wants_logprobs)
         seen: list[Position] = []
         texts: dict[int, str] = {}
         result: Result | None = None

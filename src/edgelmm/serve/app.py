@@ -320,9 +320,10 @@ async def chat_completions(request: HttpRequest) -> Response:
     stream = state.engine.open_stream(chat, params, explicit)
     first = await _first(request, stream)
 
-    def chunk(delta: dict[str, Any], **fields: Any) -> str:
+    def chunk(delta: dict[str, Any], extension: dict[str, Any] | None = None, **fields: Any) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None, **fields}
-        return _sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+        data = {**head, "object": "chat.completion.chunk", "choices": [choice]}
+        return _sse(data if extension is None else {**data, "edgelmm": extension})
 
     async def produce() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""})
@@ -331,10 +332,8 @@ async def chat_completions(request: HttpRequest) -> Response:
             event = item.event
             if event.result is not None:
                 result = event.result
-                last = choice_ids({"finish_reason": result.finish_reason, "stop_reason": result.stop_reason}, result, None)
-                yield chunk({}, **last) if item.extension is None else _sse(
-                    {**head, "object": "chat.completion.chunk", "edgelmm": item.extension,
-                     "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": None, **last}]})
+                yield chunk({}, item.extension, **choice_ids({"finish_reason": result.finish_reason,
+                                                             "stop_reason": result.stop_reason}, result, None))
                 if body.include_usage:
                     yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": result_usage([result])})
                 _observe(state, started, [result], ttft)
