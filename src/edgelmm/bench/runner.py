@@ -108,9 +108,10 @@ def _settings_detail(model: ModelSpec, task: Task, sampling: SamplingParams, con
     }
 
 
-def cell_sampling(config: BenchConfig, spec: TaskSpec, task: Task) -> SamplingParams:
+def cell_sampling(config: Any, spec: TaskSpec, task: Task) -> SamplingParams:
     """The benchmark's sampling with the answer limit set for the task (`TaskSpec.max_new_tokens`),
-    else the one set for the whole benchmark, else the task's own, else the default."""
+    else the one set for the whole benchmark, else the task's own, else the default. `config` is
+    a BenchConfig, or any config with a `sampling` field (`edgelmm collab ablate`'s)."""
     user_set = "sampling" in config.model_fields_set and "max_new_tokens" in config.sampling.model_fields_set
     limit = spec.max_new_tokens or (None if user_set else task.max_new_tokens)
     return config.sampling if limit is None else config.sampling.model_copy(update={"max_new_tokens": limit})

@@ -39,6 +39,7 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from edgelmm.bench.metrics import percentile
+from edgelmm.bench.runner import cell_sampling
 from edgelmm.collab import calibrate
 from edgelmm.collab.confidence import parse_strategy
 from edgelmm.collab.policy import Policy, save_policy
@@ -183,10 +184,11 @@ def _prepare(out: Path) -> None:
 
 def run_ablation(config: AblateConfig, out: str | Path, append: bool = False, progress: bool = True) -> Path:
     out = Path(out)
-    tasks = {get_task(spec).label: (spec, get_task(spec)) for spec in config.tasks}
+    tasks = {task.label: (spec, task) for spec, task in ((spec, get_task(spec)) for spec in config.tasks)}
     cells = _cells(config)
-    done = {_key(r) for r in _read(out)}
-    other = [r for r in _read(out) if r.get("settings") != cells[0]["settings"]]
+    records = _read(out)
+    done = {_key(r) for r in records}
+    other = [r for r in records if r.get("settings") != cells[0]["settings"]]
     if other and not append:
         raise EdgelmmError(f"{out} holds cells measured with other settings ({len(other)} of them)",
                            "choose another --out, or pass --append to keep both")
@@ -203,14 +205,16 @@ async def _run_cells(config: AblateConfig, out: Path, todo: list[dict[str, Any]]
                      tasks: dict[str, tuple[TaskSpec, Task]], progress: bool) -> None:
     needs_cloud = any(c["preset"] != "edge_only" for c in todo)
     async with Session(config.edge, config.cloud if needs_cloud else None, config.edge_backend) as session:
+        baselines: dict[str, Policy] = {}  # per task, fitted once its calibration cells are done
         for cell in todo:
             spec, task = tasks[cell["task"]]
             if cell["preset"] == "baseline":
-                policy = fitted_policies(config, out, cell["task"])[config.policy.strategy]
+                if cell["task"] not in baselines:
+                    baselines[cell["task"]] = fitted_policies(config, out, cell["task"])[config.policy.strategy]
+                policy = baselines[cell["task"]]
             else:
                 policy = config.policy.model_copy(update={"mode": PRESET_MODES[cell["preset"]]})
-            limit = spec.max_new_tokens or task.max_new_tokens
-            params = config.sampling if limit is None else config.sampling.model_copy(update={"max_new_tokens": limit})
+            params = cell_sampling(config, spec, task)
             samples = task.samples(cell["samples"], cell["seed"])
             if config.warmup:
                 await session.run(samples[: config.warmup], task, policy, params, cell["rtt_ms"])
@@ -248,7 +252,7 @@ def _strategy_rows(config: AblateConfig, out: Path, task: str, records: list[dic
     return rows
 
 
-def _plots(config: AblateConfig, out: Path, records: list[dict[str, Any]]) -> list[str]:
+def _plots(out: Path, records: list[dict[str, Any]], strategies_by_task: dict[str, list[dict[str, Any]]]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,8 +267,7 @@ def _plots(config: AblateConfig, out: Path, records: list[dict[str, Any]]) -> li
         atomic_write_bytes(out / name, buffer.getvalue())
         names.append(name)
 
-    for task in dict.fromkeys(r["task"] for r in records):
-        strategies = _strategy_rows(config, out, task, records)
+    for task, strategies in strategies_by_task.items():
         if strategies:
             fig, ax = plt.subplots(figsize=(6.5, 4.5))
             for s in strategies:
@@ -311,8 +314,8 @@ def write_report(config: AblateConfig, out: Path) -> Path:
         lines.append(f"| {r['split']} | {r['preset']} | {r['task']} | {r['seed']} | {r['rtt_ms']:g} | {_fmt(r['accuracy'], 100)} % "
                      f"| {_fmt(r['cloud_share'], 100)} % | {_fmt(r['fallback_share'], 100)} % | {_fmt(r['latency_p50_ms'])} "
                      f"| {_fmt(r['latency_p90_ms'])} | {_fmt(r['edge_p50_ms'])} | {_fmt(r['cloud_p50_ms'])} | {r['cloud_tokens']} |")
-    for task in dict.fromkeys(r["task"] for r in records):
-        rows = _strategy_rows(config, out, task, records)
+    strategies_by_task = {task: _strategy_rows(config, out, task, records) for task in dict.fromkeys(r["task"] for r in records)}
+    for task, rows in strategies_by_task.items():
         if not rows:
             continue
         lines += ["", f"## {task}: strategies (test seed; thresholds fitted on seed {config.calibration.seed})", "",
@@ -328,7 +331,7 @@ def write_report(config: AblateConfig, out: Path) -> Path:
                 f"| {_fmt(policy.threshold if policy else None, 1, 4)} | {_fmt(measured and measured['cloud_share'], 100)} % "
                 f"| {_fmt(measured and measured['accuracy'], 100)} % "
                 f"| {_fmt(measured and measured['accuracy'] / max(s['cloud_accuracy'], 1e-9), 100)} % |")
-    plots = _plots(config, out, records) if records else []
+    plots = _plots(out, records, strategies_by_task) if records else []
     lines += ["", *[f"![{p}]({p})" for p in plots]]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -172,7 +172,7 @@ def calibrate_policy(edge: ModelSpec, edge_backend: str, cloud: CloudSettings | 
     """`edgelmm collab calibrate`: the task split answered by the edge alone and the cloud alone
     (through the real path), `base` fitted on it, and the policy written to `out`."""
     from edgelmm.collab.policy import save_policy
-    from edgelmm.collab.session import CloudSpec, Session
+    from edgelmm.collab.session import Session
     from edgelmm.tasks import get_task
 
     if cloud is None:
@@ -183,10 +183,9 @@ def calibrate_policy(edge: ModelSpec, edge_backend: str, cloud: CloudSettings | 
     samples = task.samples(task_spec.samples or 200, task_spec.seed)
     limit = task_spec.max_new_tokens or task.max_new_tokens or 24
     params = SamplingParams(max_new_tokens=limit)
-    spec = CloudSpec(url=cloud.base_url, model=cloud.model, api_key=cloud.api_key, timeout_s=cloud.timeout_s)
 
     async def both() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        async with Session(edge, spec, edge_backend) as session:
+        async with Session(edge, cloud, edge_backend) as session:
             edge_rows = await session.run(samples, task, base.model_copy(update={"mode": "edge"}), params)
             cloud_rows = await session.run(samples, task, base.model_copy(update={"mode": "cloud"}), params, concurrency=4)
             return edge_rows, cloud_rows

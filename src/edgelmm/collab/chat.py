@@ -9,17 +9,16 @@ who answered, how sure the edge was, and how long each side took.
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from edgelmm.collab.client import CloudClient, CloudSettings
+from edgelmm.collab.client import CloudSettings
 from edgelmm.collab.policy import Policy
-from edgelmm.collab.router import Routed, Router
+from edgelmm.collab.router import Routed
+from edgelmm.collab.session import Session
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError
 from edgelmm.request import Request
-from edgelmm.serve.engine import Engine
 
 
 def _image(path: str) -> Any:
@@ -32,29 +31,13 @@ def _image(path: str) -> Any:
         raise EdgelmmError(f"cannot read the image {path}: {exc}") from None
 
 
-@asynccontextmanager
-async def _router(edge: ModelSpec, edge_backend: str, cloud: CloudSettings | None, policy: Policy) -> Any:
-    from edgelmm.backends.registry import load
-
-    client = CloudClient(cloud) if cloud is not None else None
-    if client is not None:
-        await client.start()  # a wrong URL or model fails before the edge model loads
-    engine = Engine(await asyncio.to_thread(load, edge, edge_backend))
-    try:
-        yield Router(policy, engine, client)
-    finally:
-        engine.close()
-        engine.backend.close()
-        if client is not None:
-            await client.aclose()
-
-
 def answer_once(edge: ModelSpec, edge_backend: str, cloud: CloudSettings | None, policy: Policy, prompt: str,
                 images: list[str], max_tokens: int) -> Routed:
     pictures = [_image(p) for p in images]
 
     async def run() -> Routed:
-        async with _router(edge, edge_backend, cloud, policy) as router:
+        async with Session(edge, cloud, edge_backend) as session:
+            router = await session.router(policy)
             return await router.answer(Request.chat(prompt, pictures), SamplingParams(max_new_tokens=max_tokens))
 
     return asyncio.run(run())
@@ -84,7 +67,8 @@ def chat(edge: ModelSpec, edge_backend: str, cloud: CloudSettings | None, policy
     params = SamplingParams(max_new_tokens=max_tokens)
 
     async def run() -> None:
-        async with _router(edge, edge_backend, cloud, policy) as router:
+        async with Session(edge, cloud, edge_backend) as session:
+            router = await session.router(policy)
             console.print(f"[bold]edgelmm chat[/] · edge {escape(edge.display_name)} · policy {escape(policy.label())}"
                           + (f" · cloud {escape(cloud.base_url)}" if cloud else "")
                           + "  [dim](/image PATH, /reset, /quit)[/]")

@@ -3,7 +3,8 @@
     async with Session(edge_spec, cloud) as session:
         rows = await session.run(samples, task, Policy(mode="edge"), params)
 
-The cloud is a running OpenAI-compatible server (`CloudSpec.url`), or an `edgelmm serve` that
+The cloud is a running OpenAI-compatible server (`CloudSpec.url`, or the `CloudSettings` that
+`collab run`, `chat` and `calibrate` build from their flags), or an `edgelmm serve` that
 the session starts on loopback in a process of its own (`CloudSpec.serve`, a model spec) and
 stops again. Each row is
 one sample: its score, where it was served, the confidence, times and tokens each side, and the
@@ -14,6 +15,7 @@ strategy's routing curve can be computed afterwards (`calibrate`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -79,12 +81,14 @@ def _start_cloud(spec: ModelSpec, backend: str) -> tuple[subprocess.Popen, str]:
 
 
 class Session:
-    """The edge model in a serve Engine, and the cloud (started here if `serve`)."""
+    """The edge model in a serve Engine, and the cloud: a `CloudSpec` (started here if `serve`),
+    or the client settings of a running one (`CloudSettings`, as the CLI builds them). The cloud
+    is checked before the edge model loads, so that a wrong address fails in a second."""
 
-    def __init__(self, edge: ModelSpec | None, cloud: CloudSpec | None, edge_backend: str = "torch"):
+    def __init__(self, edge: ModelSpec | None, cloud: CloudSpec | CloudSettings | None, edge_backend: str = "torch"):
         self.edge_spec, self.cloud_spec, self.edge_backend = edge, cloud, edge_backend
         self.edge: Engine | None = None
-        self.cloud_url: str | None = None
+        self._settings: CloudSettings | None = cloud if isinstance(cloud, CloudSettings) else None
         self._server: Any = None
         self._clouds: dict[float, CloudClient] = {}
 
@@ -92,10 +96,14 @@ class Session:
         from edgelmm.backends.registry import load
 
         spec = self.cloud_spec
-        if spec is not None and spec.serve is not None:
-            self._server, self.cloud_url = await asyncio.to_thread(_start_cloud, spec.serve, spec.backend)
-        elif spec is not None:
-            self.cloud_url = spec.url
+        if isinstance(spec, CloudSpec):
+            url = spec.url
+            if spec.serve is not None:
+                self._server, url = await asyncio.to_thread(_start_cloud, spec.serve, spec.backend)
+            assert url is not None
+            self._settings = CloudSettings(url, spec.model, spec.api_key, timeout_s=spec.timeout_s)
+        if self._settings is not None:
+            await self.cloud()
         if self.edge_spec is not None:
             self.edge = Engine(await asyncio.to_thread(load, self.edge_spec, self.edge_backend))
         return self
@@ -110,29 +118,28 @@ class Session:
             self._server.terminate()
             await asyncio.to_thread(self._server.wait, 30)
 
-    async def cloud(self, rtt_ms: float = 0.0, **settings: Any) -> CloudClient:
-        """A started client to the cloud with `rtt_ms` of injected delay (one per delay)."""
-        if self.cloud_url is None or self.cloud_spec is None:
+    async def cloud(self, rtt_ms: float | None = None) -> CloudClient:
+        """A started client to the cloud, with `rtt_ms` of injected delay (default: the settings'); one per delay."""
+        if self._settings is None:
             raise EdgelmmError("this run has no cloud", "give one (cloud: {url: ...} or cloud: {serve: ...})")
-        if rtt_ms not in self._clouds:
-            spec = self.cloud_spec
-            client = CloudClient(CloudSettings(self.cloud_url, spec.model, spec.api_key, timeout_s=spec.timeout_s,
-                                               rtt_ms=rtt_ms, **settings))
+        rtt = self._settings.rtt_ms if rtt_ms is None else rtt_ms
+        if rtt not in self._clouds:
+            client = CloudClient(dataclasses.replace(self._settings, rtt_ms=rtt))
             await client.start()
-            self._clouds[rtt_ms] = client
-        return self._clouds[rtt_ms]
+            self._clouds[rtt] = client
+        return self._clouds[rtt]
 
-    async def router(self, policy: Policy, rtt_ms: float = 0.0) -> Router:
-        return Router(policy, self.edge if policy.runs_edge else None,
-                      await self.cloud(rtt_ms) if policy.mode != "edge" else None)
+    async def router(self, policy: Policy, rtt_ms: float | None = None) -> Router:
+        """A Router with `policy`; the edge is there to fall back on even when the policy never asks it."""
+        return Router(policy, self.edge, await self.cloud(rtt_ms) if policy.mode != "edge" else None)
 
     async def run(self, samples: Sequence[TaskSample], task: Task, policy: Policy, params: SamplingParams,
-                  rtt_ms: float = 0.0, concurrency: int = 1, progress: Any = None) -> list[dict[str, Any]]:
+                  rtt_ms: float | None = None, concurrency: int = 1, progress: Any = None) -> list[dict[str, Any]]:
         """Every sample through a Router with `policy`, `concurrency` at a time, in order."""
         router = await self.router(policy, rtt_ms)
         gate = asyncio.Semaphore(max(1, concurrency))
         # the edge's log-probabilities are kept in the rows, so that every strategy's curve can be computed later
-        asked = params.model_copy(update={"logprobs": True, "top_logprobs": max(params.top_logprobs, policy.top_logprobs)})
+        asked = policy.edge_params(params)
 
         async def one(sample: TaskSample) -> dict[str, Any]:
             async with gate:
