@@ -205,7 +205,7 @@ def _limits(args: argparse.Namespace):
     from edgelmm.serve.server import check_address
 
     for flag in ("max_tokens", "max_context", "max_batch_size", "max_body_mb", "max_image_mb", "max_connections",
-                 "body_timeout_s"):
+                 "body_timeout_s", "verify_cache_mb"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise EdgelmmError(f"--{flag.replace('_', '-')} must be positive, got {value:g}")
@@ -214,6 +214,7 @@ def _limits(args: argparse.Namespace):
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
         max_tokens=args.max_tokens, max_context=args.max_context, max_batch_size=args.max_batch_size,
         max_connections=args.max_connections, body_timeout_s=args.body_timeout_s,
+        verify_cache_bytes=int(args.verify_cache_mb * 2**20),
     )
 
 
@@ -426,6 +427,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-mb", type=float, default=10.0)
     p.add_argument("--max-connections", type=int, default=64, help="open connections at once; more get 503")
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="drop a request body that stalls this long")
+    p.add_argument("--verify-cache-mb", type=float, default=512.0,
+                   help="KV bytes kept for draft-verify sessions (least recently used evicted first)")
 
 
 def _add_edge_args(p: argparse.ArgumentParser) -> None:
@@ -435,7 +438,7 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     p.add_argument("--policy", help="routing policy: a YAML file (edgelmm collab calibrate writes one) or a mode: "
-                   "route, edge, cloud, escalate (default: route with the default policy)")
+                   "route, edge, cloud, escalate, draft-verify (default: route with the default policy)")
     p.add_argument("--threshold", type=float, help="override the policy's threshold (0..1)")
 
 

@@ -66,7 +66,7 @@ def test_pruning_composes_and_the_cache_holds_the_pruned_sequence(paths, family,
     batch = requests(engine)
     assert_same(engine.generate(batch, GREEDY), reference.generate(batch, GREEDY))
     [request] = batch[:1]
-    inputs = engine._prepare([request], GREEDY)
+    inputs = engine.prepare_inputs([request], GREEDY)
     prefilled = engine.decoder.prefill(inputs)
     assert prefilled.keys[0].shape[2] < inputs["input_ids"].shape[1]  # the KV cache really is smaller
 

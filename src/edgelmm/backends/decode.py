@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from transformers import Cache
 
+from edgelmm.backends.prefix_cache import cached_forward
 from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError
 from edgelmm.methods.pruning import pruning_of
@@ -252,6 +253,7 @@ class StaticDecoder:
         self.forward = torch.compile(self.logits, fullgraph=False) if compile else self.logits
         self.compile_failure: str | None = None
         self.last_path = "static"  # how the latest request's steps ran (see `path`)
+        self.last_cached = 0  # prompt tokens the latest prefill took from the prefix cache
 
     def logits(self, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: SlotCache) -> torch.Tensor:
         """Next-token logits [B, vocab] of one token per row, writing its keys and values into `cache`."""
@@ -273,8 +275,9 @@ class StaticDecoder:
 
     # ------------------------------------------------------------ prefill
     @torch.inference_mode()
-    def prefill(self, inputs: dict[str, torch.Tensor]) -> Prefilled:
-        """The model's own forward over the prompts (images, pruning hooks and all)."""
+    def prefill(self, inputs: dict[str, torch.Tensor], prefix: Any = None, images: Any = ()) -> Prefilled:
+        """The model's own forward over the prompts (images, pruning hooks and all), through the
+        `prefix` cache where one is given (backends/prefix_cache.py)."""
         seen: dict[str, Any] = {}
 
         def note_positions(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -282,7 +285,7 @@ class StaticDecoder:
 
         hook = self.language_model.register_forward_pre_hook(note_positions, with_kwargs=True)
         try:
-            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+            out, self.last_cached = cached_forward(self.model, self.adapter, inputs, prefix, images, logits_to_keep=1)
         finally:
             hook.remove()
         cache = next(out[k] for k in ("cache", "past_key_values") if k in out and out[k] is not None)

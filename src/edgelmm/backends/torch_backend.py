@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, T
 from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result, Timings, TokenEvent, TokenScore, check_context
 from edgelmm.backends.decode import StaticDecoder, unsupported
 from edgelmm.backends.engines import engine_options
+from edgelmm.backends.kvstate import KVRunner
+from edgelmm.backends.prefix_cache import PrefixCache, mrope
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError
 from edgelmm.methods import apply
@@ -50,6 +53,10 @@ OPTIONS = {
     # default: it builds a new plan for every new sequence length, which a server's every fresh
     # prompt pays for (measured in benchmarks/engine/). "default": PyTorch's own choice.
     "sdpa_backends": "flash,efficient,math",
+    # MiB of prompts' KV kept in a radix tree and reused by later prompts that begin the same way
+    # (backends/prefix_cache.py); 0: off. Serves the decode engine and KV states, batches of one.
+    "prefix_cache_mb": 0,
+    "prefix_cache_file": None,  # load the cache from this file at start, and save it there on close
 }
 SDPA_BACKENDS = ("flash", "efficient", "math", "cudnn")
 DECODE_MODES = ("auto", "engine", "generate")
@@ -164,7 +171,10 @@ class TorchBackend(Backend):
         self.device = torch.device("cpu")
         self.decoder: StaticDecoder | None = None
         self.decode_fallback: str | None = None  # why the decode engine does not serve this model
-        self._attention: Any = None
+        self.attention: Any = None  # a context-manager factory: the SDPA kernels attention may use
+        self._kv: KVRunner | None = None
+        self.prefix_cache: PrefixCache | None = None
+        self._prefix_file: str | None = None
 
     # ------------------------------------------------------------ lifecycle
     def load(self, spec: ModelSpec) -> None:
@@ -180,7 +190,8 @@ class TorchBackend(Backend):
             adapter.model = model
         self.spec, self.model, self.processor, self.adapter, self.device = spec, model, processor, adapter, device
         self.decoder, self.decode_fallback = None, None
-        self._attention = _sdpa_context(options["sdpa_backends"], device)
+        self.attention = _sdpa_context(options["sdpa_backends"], device)
+        self._open_prefix_cache(options)
         if options["decode"] != "generate":
             reason = unsupported(adapter)
             if reason is not None and options["decode"] == "engine":
@@ -196,6 +207,20 @@ class TorchBackend(Backend):
                 self.decoder = StaticDecoder(model, adapter, device, int(limit), graphs=bool(options["cuda_graphs"]),
                                              compile=_compile_wanted(options["compile"], device))
 
+    def _open_prefix_cache(self, options: dict[str, Any]) -> None:
+        self.prefix_cache, self._prefix_file = None, options["prefix_cache_file"]
+        megabytes = float(options["prefix_cache_mb"] or 0)
+        if megabytes < 0:
+            raise EdgelmmError(f"prefix_cache_mb must be >= 0, got {megabytes:g}", "give the cache's size in MiB, or 0 for none")
+        if not megabytes:
+            return
+        if mrope(self.adapter.text_config):
+            log.info("no prefix cache for %s: its M-RoPE positions depend on the whole prompt", self.spec.display_name)
+            return
+        self.prefix_cache = PrefixCache(int(megabytes * 2**20))
+        if self._prefix_file and Path(self._prefix_file).is_file():
+            self.prefix_cache.load(self._prefix_file, self.device)
+
     def _profile_context(self, hardware: str | None) -> int | None:
         from edgelmm.hardware import guess_profile, load_profile
 
@@ -203,7 +228,9 @@ class TorchBackend(Backend):
         return profile.engine.max_context if profile is not None else None
 
     def close(self) -> None:
-        self.model = self.processor = self.adapter = self.decoder = None
+        if self.prefix_cache is not None and self._prefix_file:
+            self.prefix_cache.save(self._prefix_file)
+        self.model = self.processor = self.adapter = self.decoder = self.prefix_cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -244,16 +271,24 @@ class TorchBackend(Backend):
                 "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "chat_template": template,
                 "model_max_length": self.max_context}
 
+    def kv_runner(self) -> KVRunner:
+        """KV states kept between calls (draft-verify, caches): see backends/kvstate.py."""
+        self._check()
+        if self._kv is None or self._kv.model is not self.model:
+            self._kv = KVRunner(self)
+        return self._kv
+
     # ------------------------------------------------------------ generation
     def _check(self) -> None:
         if self.model is None:
             raise EdgelmmError("the torch backend has no model loaded", "call load(spec) first")
 
-    def _prepare(self, requests: list[Request], params: SamplingParams) -> dict[str, torch.Tensor]:
+    def prepare_inputs(self, requests: list[Request], params: SamplingParams | None) -> dict[str, torch.Tensor]:
         self._check()
         inputs = self.adapter.build_batch(requests)
         for length in inputs.get("attention_mask", inputs["input_ids"]).bool().sum(1).tolist():
-            check_context(length, params, self.max_context)
+            if params is not None:
+                check_context(length, params, self.max_context)
         dtype = next(self.model.parameters()).dtype
         return {
             k: v.to(self.device, dtype=dtype if v.is_floating_point() else None) if isinstance(v, torch.Tensor) else v
@@ -345,22 +380,25 @@ class TorchBackend(Backend):
             prompt_token_ids=prompt_ids, prompt_logprobs=prompt_scores, decode_path=path,
         )
 
-    def _decode(self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock, rows: _Rows) -> str | None:
+    def _decode(self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock, rows: _Rows,
+                requests: list[Request]) -> str | None:
         """Generate every row's tokens into `rows`: through the decode engine where it serves the
         model and the request fits its cache, else through transformers' generate. Returns the
         path taken ("cuda-graph" or "static", with "+compiled" where inductor built the step, or
         "generate"; None when nothing was generated)."""
         if not params.max_new_tokens:
             return None
-        with self._attention():
-            return self._decode_rows(inputs, params, clock, rows)
+        with self.attention():
+            return self._decode_rows(inputs, params, clock, rows, requests)
 
-    def _decode_rows(self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock, rows: _Rows) -> str:
+    def _decode_rows(self, inputs: dict[str, torch.Tensor], params: SamplingParams, clock: _StepClock, rows: _Rows,
+                     requests: list[Request]) -> str:
         decoder = self.decoder
         if decoder is None or not decoder.fits(inputs["input_ids"].shape[1], params.max_new_tokens):
             self.model.generate(**self._generate_kwargs(inputs, params, clock, rows))
             return "generate"
-        prefilled = decoder.prefill(inputs)
+        prefix = self.prefix_cache if len(requests) == 1 else None
+        prefilled = decoder.prefill(inputs, prefix, requests[0].all_images() if prefix is not None else ())
         for tokens, chosen, top in decoder.decode(prefilled, params.max_new_tokens, params, lambda: rows.finished):
             clock.stamps.append(time.perf_counter())
             rows.add(tokens, chosen if params.wants_logprobs else None, top if params.top_logprobs else None)
@@ -371,13 +409,13 @@ class TorchBackend(Backend):
         if not requests:
             return []
         t0 = time.perf_counter()
-        inputs = self._prepare(requests, params)
+        inputs = self.prepare_inputs(requests, params)
         prompt_ids, visuals = self._counts(inputs)
         clock = _StepClock(self.device, params.wants_logprobs)
         rows = _Rows(self, len(requests), params, clock)
         with PeakMemory(self.device) as peak:
             scores = self._prompt_scores(inputs, params.prompt_logprobs) if params.prompt_logprobs is not None else None
-            path = self._decode(inputs, params, clock, rows)
+            path = self._decode(inputs, params, clock, rows, requests)
         t_end = time.perf_counter()
         return [self._result(rows, i, prompt_ids[i], visuals[i], scores[i] if scores else None, clock, t0, t_end, peak.bytes,
                              path) for i in range(len(requests))]
@@ -387,7 +425,7 @@ class TorchBackend(Backend):
 
         Closing the iterator early (a client that went away) stops generation at the next token."""
         t0 = time.perf_counter()
-        inputs = self._prepare([request], params)
+        inputs = self.prepare_inputs([request], params)
         [prompt_ids], [visual] = self._counts(inputs)
         clock = _StepClock(self.device, params.wants_logprobs)
         sink: queue.Queue[Any] = queue.Queue()
@@ -403,7 +441,7 @@ class TorchBackend(Backend):
                 with torch.inference_mode(), peak:
                     if params.prompt_logprobs is not None:
                         scores = self._prompt_scores(inputs, params.prompt_logprobs)
-                    path = self._decode(inputs, params, clock, rows)
+                    path = self._decode(inputs, params, clock, rows, [request])
                 sink.put(None)
             except BaseException as exc:  # handed to the consumer below
                 sink.put(exc)

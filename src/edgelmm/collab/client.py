@@ -28,8 +28,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from edgelmm.backends.base import Request, Result
 from edgelmm.backends.openai_backend import RETRY_STATUS, request_body, server_message, whole_result
@@ -37,6 +38,7 @@ from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError
 
 log = logging.getLogger("edgelmm.collab")
+T = TypeVar("T")
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 BREAKER_STATES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
@@ -82,9 +84,9 @@ class CloudSettings:
 class CloudError(Exception):
     """A call the cloud did not answer; `reason` is a short label (metrics), str() the detail."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, status: int | None = None, code: str | None = None):
         super().__init__(detail)
-        self.reason = reason
+        self.reason, self.status, self.code = reason, status, code
 
 
 class Breaker:
@@ -215,6 +217,15 @@ class CloudClient:
 
     async def complete(self, request: Request, params: SamplingParams) -> Result:
         """The cloud's answer to `request`; CloudError when it cannot be had within timeout_s."""
+        route, body = request_body(self.model, request, params, token_ids=False, stream=False,
+                                   explicit=self.settings.explicit_sampling)
+        t0 = time.perf_counter()
+        return await self.call(route, body, lambda data: whole_result(route, body, data, params, t0, time.perf_counter()))
+
+    async def call(self, route: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
+        """POST `body` to `route` (under the API root; an absolute path such as "/tokenize" goes
+        to the server's root when it starts with "//") and `parse` the JSON answer, within
+        timeout_s, retried and breaker-guarded as every cloud call is; CloudError otherwise."""
         gate = self.breaker.allow()
         if gate == OPEN:
             raise self._failed("breaker_open", "the cloud failed repeatedly; not calling it until it answers a probe", 0, 0.0)
@@ -225,36 +236,41 @@ class CloudClient:
         started = time.perf_counter()
         tries = [0]
         try:
-            result = await asyncio.wait_for(self._tries(request, params, tries), self.settings.timeout_s)
+            result = await asyncio.wait_for(self._tries(route, body, parse, tries), self.settings.timeout_s)
         except asyncio.TimeoutError:
             self.breaker.failure()
             raise self._failed("timeout", f"no answer within {self.settings.timeout_s:g} s", tries[0], started) from None
         except CloudError as exc:
             if exc.reason != "refused":  # a 4xx is this request's fault, not the cloud's
                 self.breaker.failure()
-            raise self._failed(exc.reason, str(exc), tries[0], started) from None
+            raise self._failed(exc.reason, str(exc), tries[0], started, exc.status, exc.code) from None
         self.breaker.success()
-        log.info(json.dumps({"event": "cloud_call", "ok": True, "tries": tries[0],
+        log.info(json.dumps({"event": "cloud_call", "route": route, "ok": True, "tries": tries[0],
                              "seconds": round(time.perf_counter() - started, 4)}))
         return result
 
-    def _failed(self, reason: str, detail: str, tries: int, started: float) -> CloudError:
+    def _failed(self, reason: str, detail: str, tries: int, started: float, status: int | None = None,
+                code: str | None = None) -> CloudError:
         self.failures[reason] = self.failures.get(reason, 0) + 1
         seconds = round(time.perf_counter() - started, 4) if started else 0.0
         log.info(json.dumps({"event": "cloud_call", "ok": False, "reason": reason, "tries": tries, "seconds": seconds,
                              "error": detail}))
-        return CloudError(reason, detail)
+        return CloudError(reason, detail, status, code)
 
-    async def _tries(self, request: Request, params: SamplingParams, tries: list[int]) -> Result:
+    def _url(self, route: str) -> str:
+        if route.startswith("//"):  # the server's root (vLLM and edgelmm serve have /tokenize there)
+            root = self.settings.base_url
+            return (root[: -len("/v1")] if root.endswith("/v1") else root) + route[1:]
+        return route
+
+    async def _tries(self, route: str, body: dict[str, Any], parse: Callable[[Any], T], tries: list[int]) -> T:
         httpx = httpx_module()
         s = self.settings
-        route, body = request_body(self.model, request, params, token_ids=False, stream=False, explicit=s.explicit_sampling)
         for attempt in range(s.retries + 1):
             tries[0] = attempt + 1
             last = attempt == s.retries
-            t0 = time.perf_counter()
             try:
-                response = await self._pool().post(route, json=body)
+                response = await self._pool().post(self._url(route), json=body)
             except httpx.HTTPError as exc:
                 if last:
                     raise CloudError("unreachable", f"{type(exc).__name__}: {exc}") from None
@@ -262,12 +278,23 @@ class CloudClient:
                 continue
             if response.status_code == 200:
                 try:
-                    return whole_result(route, body, response.json(), params, t0, time.perf_counter())
-                except (ValueError, KeyError, TypeError, EdgelmmError) as exc:
+                    return parse(response.json())
+                except (ValueError, KeyError, TypeError, IndexError, EdgelmmError) as exc:
                     raise CloudError("bad_response", f"the cloud's answer did not parse: {exc}") from None
             if response.status_code not in RETRY_STATUS:
-                raise CloudError("refused", f"{response.status_code}: {server_message(response)}")
+                raise CloudError("refused", f"{response.status_code}: {server_message(response)}", response.status_code,
+                                 _error_code(response))
             if last:
-                raise CloudError(f"status_{response.status_code}", f"{response.status_code}: {server_message(response)}")
+                raise CloudError(f"status_{response.status_code}", f"{response.status_code}: {server_message(response)}",
+                                 response.status_code)
             await asyncio.sleep(s.backoff_s * 2**attempt)
         raise AssertionError("unreachable")
+
+
+def _error_code(response: Any) -> str | None:
+    """The OpenAI error object's `code`, where the answer has one."""
+    try:
+        error = response.json().get("error")
+        return error.get("code") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        return None

@@ -1,13 +1,18 @@
 """When the edge asks the cloud: a routing policy, saved as YAML by `edgelmm collab calibrate`.
 
     mode: route                  # route | edge (never ask) | cloud (never run the edge) | escalate (always ask)
+                                 # | draft_verify (the edge drafts, the cloud verifies: the cloud's output)
     strategy: temperature(temperature=1.8)
     aggregate: mean              # over the answer's tokens: mean | min | first (the first `first_k`)
     threshold: 0.62              # ask the cloud when the edge's confidence is below this
     early_k: null                # decide after the edge's first k tokens instead of its whole answer
     top_logprobs: 5              # alternatives the edge returns per token (entropy, top-k mass)
+    draft_length: null           # draft_verify: tokens per round; null adapts it (collab/speculative.py)
+    draft_max: 8                 # draft_verify: the adaptive length's ceiling
+    protocol: auto               # draft_verify: auto (probe) | native (edgelmm serve) | generic (echo + logprobs)
 
-`--policy` takes such a file or a mode's name (the other fields at their defaults).
+`--policy` takes such a file or a mode's name (the other fields at their defaults);
+`draft-verify` is the same as `draft_verify`.
 """
 
 from __future__ import annotations
@@ -24,18 +29,26 @@ from edgelmm.config import SamplingParams, Schema, validate
 from edgelmm.errors import EdgelmmError
 from edgelmm.utils.io import atomic_write_text
 
-MODES = ("route", "edge", "cloud", "escalate")
+MODES = ("route", "edge", "cloud", "escalate", "draft_verify")
 
 
 class Policy(Schema):
-    mode: Literal["route", "edge", "cloud", "escalate"] = "route"
+    mode: Literal["route", "edge", "cloud", "escalate", "draft_verify"] = "route"
     strategy: str = "max_prob"
     aggregate: Literal["mean", "min", "first"] = "mean"
     first_k: int = Field(4, ge=1)
     threshold: float = Field(0.9, ge=0.0, le=1.0)
     early_k: int | None = Field(None, ge=1)
     top_logprobs: int = Field(5, ge=1, le=20)
+    draft_length: int | None = Field(None, ge=1, le=64)
+    draft_max: int = Field(8, ge=1, le=64)
+    protocol: Literal["auto", "native", "generic"] = "auto"
     fitted: dict[str, Any] | None = None  # what calibration measured, for the record
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode_alias(cls, value: Any) -> Any:
+        return "draft_verify" if value == "draft-verify" else value
 
     @field_validator("strategy")
     @classmethod
@@ -64,13 +77,15 @@ class Policy(Schema):
 
     def escalates(self, confidence: float | None) -> bool:
         """Whether an edge answer of this confidence goes to the cloud."""
-        if self.mode in ("cloud", "escalate"):
+        if self.mode in ("cloud", "escalate", "draft_verify"):
             return True
         if self.mode == "edge":
             return False
         return confidence is None or confidence < self.threshold
 
     def label(self) -> str:
+        if self.mode == "draft_verify":
+            return f"draft_verify (k={self.draft_length or f'adaptive<={self.draft_max}'})"
         if self.mode != "route":
             return self.mode
         early = f", early_k={self.early_k}" if self.early_k else ""
@@ -81,8 +96,8 @@ def load_policy(source: str | Path | Policy | None) -> Policy:
     """A policy from a YAML/JSON file, a mode's name, or None (the default routing policy)."""
     if source is None or isinstance(source, Policy):
         return source or Policy()
-    if str(source) in MODES:
-        return Policy(mode=str(source))
+    if str(source).replace("-", "_") in MODES:
+        return Policy(mode=str(source).replace("-", "_"))
     path = Path(source)
     if not path.is_file():
         raise EdgelmmError(f"policy '{source}' is neither a file nor a mode", f"give a policy file or one of {', '.join(MODES)}")

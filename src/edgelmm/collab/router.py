@@ -29,13 +29,15 @@ from edgelmm.backends.base import Result
 from edgelmm.collab.client import BREAKER_STATES, CloudClient, CloudError
 from edgelmm.collab.confidence import Position
 from edgelmm.collab.policy import Policy
+from edgelmm.collab.speculative import Drafter, DraftLength, speculate
+from edgelmm.collab.verify import verifier_for
 from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError
 from edgelmm.request import Request
 from edgelmm.serve.engine import Engine, Stream
 from edgelmm.serve.metrics import Counter, Gauge, Histogram
 
-EDGE, CLOUD, FALLBACK = "edge", "cloud", "edge_fallback"
+EDGE, CLOUD, FALLBACK, DRAFT = "edge", "cloud", "edge_fallback", "draft_verify"
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Routed:
     reason: str | None = None  # why the cloud was not asked, or why its answer is missing
     texts: dict[int, str] = field(default_factory=dict)  # edge token texts, for log-probability entries
     queued_s: float = 0.0
+    draft: dict[str, Any] | None = None  # draft-verify's statistics (DraftStats.info)
 
     def info(self) -> dict[str, Any]:
         """The `edgelmm` extension field of an answer (clients ignore fields they do not know)."""
@@ -61,7 +64,8 @@ class Routed:
 
         return {"served_by": self.served_by, "confidence": None if self.confidence is None else round(self.confidence, 6),
                 "reason": self.reason, "edge_ms": ms(self.edge_s), "cloud_ms": ms(self.cloud_s), "total_ms": ms(self.total_s),
-                "edge_tokens": self.edge_tokens, "cloud_tokens": self.cloud_tokens}
+                "edge_tokens": self.edge_tokens, "cloud_tokens": self.cloud_tokens,
+                **({"draft_verify": self.draft} if self.draft is not None else {})}
 
 
 class RouterMetrics:
@@ -88,18 +92,22 @@ class RouterMetrics:
 
 
 class Router:
-    def __init__(self, policy: Policy, edge: Engine | None, cloud: CloudClient | None):
+    def __init__(self, policy: Policy, edge: Engine | None, cloud: CloudClient | None, protocol: str | None = None):
+        if policy.mode == "draft_verify" and protocol is None:
+            raise EdgelmmError("policy draft_verify needs the verify protocol the cloud supports",
+                               "set the router up with collab.server.prepare (it probes the cloud)")
         if policy.runs_edge and edge is None:
             raise EdgelmmError(f"policy mode '{policy.mode}' needs an edge model")
         if policy.mode != "edge" and cloud is None:
             raise EdgelmmError(f"policy mode '{policy.mode}' needs a cloud", "give --cloud URL, or use --policy edge")
-        self.policy, self.edge, self.cloud = policy, edge, cloud
-        self.served = {EDGE: 0, CLOUD: 0, FALLBACK: 0}
+        self.policy, self.edge, self.cloud, self.protocol = policy, edge, cloud, protocol
+        self.served = {EDGE: 0, CLOUD: 0, FALLBACK: 0, DRAFT: 0}
+        self.length = DraftLength(policy.draft_length, policy.draft_max)  # shared: the pair's acceptance rate
         self.metrics = RouterMetrics(self)
 
     def cloud_share(self) -> float:
         total = sum(self.served.values())
-        return self.served[CLOUD] / total if total else 0.0
+        return (self.served[CLOUD] + self.served[DRAFT]) / total if total else 0.0
 
     async def answer(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True) -> Routed:
         started = time.perf_counter()
@@ -108,6 +116,8 @@ class Router:
             routed = await self._edge_only(request, params, explicit_max_tokens, started, reason)
         elif self.policy.mode == "edge":
             routed = await self._edge_only(request, params, explicit_max_tokens, started, None)
+        elif self.policy.mode == "draft_verify":
+            routed = await self._draft_verify(request, params, started)
         elif not self.policy.runs_edge:
             routed = await self._cloud_first(request, params, explicit_max_tokens, started)
         elif self.policy.early_k and self.policy.mode == "route":
@@ -186,6 +196,19 @@ class Router:
         finally:
             stream.cancel()
             rest.cancel()
+
+    async def _draft_verify(self, request: Request, params: SamplingParams, started: float) -> Routed:
+        """The cloud's own output, drafted by the edge; the edge finishes alone if the cloud goes."""
+        assert self.edge is not None and self.cloud is not None and self.protocol is not None
+        drafter = Drafter(self.edge.backend)
+        out = await speculate(request, params, drafter, verifier_for(self.protocol, self.cloud), self.length,
+                              run_edge=self.edge.call, failures=(CloudError,))
+        if out.fallback is not None:
+            self.metrics.failures.inc(1, "mid_answer")
+        stats = out.stats
+        return Routed(out.result, FALLBACK if out.fallback else DRAFT, None, stats.edge_s, stats.verify_s,
+                      time.perf_counter() - started, stats.drafted, out.result.counts.generated_tokens, out.fallback,
+                      draft=stats.info())
 
     # ------------------------------------------------------------ the cloud's side
     async def _ask_cloud(self, request: Request, params: SamplingParams, started: float, confidence: float | None,

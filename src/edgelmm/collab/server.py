@@ -12,12 +12,14 @@ cloud share, cloud failures by reason and the breaker's state; `/health` adds th
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 from edgelmm.backends.base import TokenEvent
 from edgelmm.collab.client import CloudClient, CloudSettings
 from edgelmm.collab.policy import Policy
 from edgelmm.collab.router import Routed, Router
+from edgelmm.collab.verify import prepare
 from edgelmm.config import SamplingParams
 from edgelmm.request import Request
 from edgelmm.serve.engine import Completion, Engine, StreamItem
@@ -117,5 +119,26 @@ def check_cloud(settings: CloudSettings) -> CloudClient:
 
 
 def wrap(policy: Policy, cloud: CloudClient | None) -> Any:
-    """What `serve.server.build(..., wrap=...)` takes: the edge Engine -> a RoutingEngine."""
-    return lambda edge: RoutingEngine(edge, Router(policy, edge, cloud))
+    """What `serve.server.build(..., wrap=...)` takes: the edge Engine -> a RoutingEngine. A
+    draft_verify policy learns the cloud's verify protocol here, once the edge's tokenizer is
+    loaded (routing instead, with a line that says why, where draft-verify cannot run)."""
+
+    def routing(edge: Engine) -> RoutingEngine:
+        run, protocol = policy, None
+        if policy.mode == "draft_verify":
+            run, protocol, notice = asyncio.run(_prepared(policy, cloud, edge))
+            print(f"edgelmm: {notice}", file=sys.stderr)
+        return RoutingEngine(edge, Router(run, edge, cloud, protocol))
+
+    return routing
+
+
+async def _prepared(policy: Policy, cloud: CloudClient | None, edge: Engine) -> tuple[Policy, str | None, str | None]:
+    async def edge_ids(text: str) -> list[int]:
+        return list(edge.backend.tokenize(text, add_special_tokens=False))
+
+    try:
+        return await prepare(policy, cloud, edge_ids)
+    finally:
+        if cloud is not None:
+            await cloud.aclose()  # the server's event loop opens its own pool

@@ -28,6 +28,7 @@ from pydantic import model_validator
 from edgelmm.collab.client import CloudClient, CloudSettings, httpx_module
 from edgelmm.collab.policy import Policy
 from edgelmm.collab.router import Routed, Router
+from edgelmm.collab.verify import prepare
 from edgelmm.config import ModelSpec, SamplingParams, Schema
 from edgelmm.errors import EdgelmmError
 from edgelmm.request import Request
@@ -130,8 +131,22 @@ class Session:
         return self._clouds[rtt]
 
     async def router(self, policy: Policy, rtt_ms: float | None = None) -> Router:
-        """A Router with `policy`; the edge is there to fall back on even when the policy never asks it."""
-        return Router(policy, self.edge, await self.cloud(rtt_ms) if policy.mode != "edge" else None)
+        """A Router with `policy`; the edge is there to fall back on even when the policy never asks it.
+        A draft_verify policy that cannot run (no verify protocol, other tokenizers) is an error here."""
+        cloud = await self.cloud(rtt_ms) if policy.mode != "edge" else None
+        if policy.mode != "draft_verify":
+            return Router(policy, self.edge, cloud)
+        edge = self.edge
+        if edge is None:
+            raise EdgelmmError("policy draft_verify needs an edge model to draft with")
+
+        async def edge_ids(text: str) -> list[int]:
+            return list(await edge.call(lambda: edge.backend.tokenize(text, add_special_tokens=False)))
+
+        run, protocol, notice = await prepare(policy, cloud, edge_ids)
+        if protocol is None:
+            raise EdgelmmError(notice or "draft-verify cannot run with this cloud", "use another policy (route)")
+        return Router(run, edge, cloud, protocol)
 
     async def run(self, samples: Sequence[TaskSample], task: Task, policy: Policy, params: SamplingParams,
                   rtt_ms: float | None = None, concurrency: int = 1, progress: Any = None) -> list[dict[str, Any]]:

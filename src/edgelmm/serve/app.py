@@ -48,12 +48,14 @@ from edgelmm.serve.schemas import (
     Limits,
     Message,
     TokenizeRequest,
+    VerifyRequest,
     _Sampling,
 )
+from edgelmm.serve.sessions import PROTOCOL, VERSION, Round, VerifySessions
 
 B = TypeVar("B", bound=BaseModel)
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize",
-          "/tokenizer_info")
+          "/tokenizer_info", "/v1/edgelmm/verify")
 
 
 @dataclass
@@ -70,6 +72,7 @@ class ServerState:
     config: ServerConfig
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
+    sessions: VerifySessions | None = None  # the native verify protocol, where the backend keeps KV states
 
 
 class _ClientGone(Exception):
@@ -462,6 +465,33 @@ async def tokenize(request: HttpRequest) -> dict[str, Any]:
     return {"count": len(ids), "max_model_len": state.engine.max_context, "tokens": ids}
 
 
+async def verify(request: HttpRequest) -> dict[str, Any]:
+    """The native draft-verify protocol (serve/sessions.py)."""
+    state = _state(request)
+    body = await _read(request, VerifyRequest)
+    if body.model is not None:
+        _check_model(state, body.model)
+    sessions = state.sessions
+    if body.probe:
+        return {"protocol": PROTOCOL, "version": VERSION, "available": sessions is not None, "top_logprobs_max": 20,
+                "batch_max": state.config.limits.max_batch_size}
+    if sessions is None:
+        raise ApiError(501, f"the {state.engine.backend.name} backend keeps no KV state for verify sessions",
+                       code="verify_unsupported")
+    assert body.session is not None
+    if body.close:
+        return {"session": body.session, "closed": await state.engine.call(lambda: sessions.close(body.session))}
+    opening: Request | None = None
+    if body.messages is not None:
+        opening = await _chat_request(state, body.messages)
+    elif body.prompt is not None:
+        images = await _images(state, body.images) if body.images else []
+        opening = (_request(text=body.prompt, images=images) if isinstance(body.prompt, str)
+                   else _request(token_ids=body.prompt, images=images))
+    job = Round(body.session, opening, body.keep, body.tokens, body.top_logprobs)
+    return await _unless_gone(request, state.engine.call_grouped("verify", sessions.run, job))
+
+
 async def detokenize(request: HttpRequest) -> dict[str, Any]:
     state = _state(request)
     body = await _read(request, DetokenizeRequest)
@@ -541,4 +571,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.add_api_route("/tokenize", tokenize, methods=["POST"], dependencies=keyed)
     app.add_api_route("/detokenize", detokenize, methods=["POST"], dependencies=keyed)
     app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/v1/edgelmm/verify", verify, methods=["POST"], dependencies=keyed)
+    if hasattr(engine.backend, "kv_runner") and hasattr(engine, "call_grouped"):
+        limits = config.limits
+        sessions = VerifySessions(engine.backend, limits.verify_cache_bytes, limits.max_verify_sessions)
+        app.state.server.sessions = sessions
+        app.state.server.metrics.extra.extend(sessions.parts)
     return app

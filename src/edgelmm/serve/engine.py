@@ -60,6 +60,8 @@ class _Job:
     stream: bool
     loop: asyncio.AbstractEventLoop
     work: Callable[[], Any] | None = None  # a call that must run where the tokenizer lives
+    group: tuple[str, Callable[[list[Any]], list[Any]]] | None = None  # (key, run): calls run together
+    item: Any = None  # this job's part of a group call
     future: asyncio.Future | None = None
     queue: asyncio.Queue | None = None
     cancelled: bool = False
@@ -69,7 +71,8 @@ class _Job:
     @property
     def batchable(self) -> bool:
         """Plain generation whose answer does not depend on what else is in the batch."""
-        return self.work is None and not self.stream and (self.params.greedy or self.params.seed is None)
+        return self.work is None and self.group is None and not self.stream and (
+            self.params.greedy or self.params.seed is None)
 
     def batch_key(self) -> str:
         return self.params.model_dump_json()
@@ -159,6 +162,19 @@ class Engine:
         self._submit(job)
         return await job.future
 
+    async def call_grouped(self, key: str, run: Callable[[list[Any]], list[Any]], item: Any) -> Any:
+        """Run `run([item, ...])` in the engine thread with the other waiting calls of the same
+        `key` (up to max_batch_size): one forward pass for many clients' small jobs (draft-verify
+        rounds). `run` answers one value per item, in order; an item's value that is an exception
+        is raised to its caller alone."""
+        loop = asyncio.get_running_loop()
+        job = _Job(None, None, True, stream=False, loop=loop, future=loop.create_future(), group=(key, run), item=item)
+        self._submit(job)
+        try:
+            return await job.future
+        finally:
+            job.cancelled = True
+
     def open_stream(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True,
                     texts: bool = True) -> Stream:
         """Queue a streaming job; iterate the Stream for its tokens. Call from the event loop."""
@@ -181,7 +197,14 @@ class Engine:
                 self._ready.wait()
             first = self._jobs.popleft()
             batch = [first]
-            if first.batchable:
+            if first.group is not None:
+                key, kept = first.group[0], collections.deque()
+                while self._jobs and len(batch) < self.max_batch_size:
+                    job = self._jobs.popleft()
+                    if not job.cancelled:
+                        (batch if job.group is not None and job.group[0] == key else kept).append(job)
+                self._jobs.extendleft(reversed(kept))
+            elif first.batchable:
                 key, kept = first.batch_key(), collections.deque()
                 while self._jobs and len(batch) < self.max_batch_size:
                     job = self._jobs.popleft()
@@ -195,7 +218,9 @@ class Engine:
         while (batch := self._next()) is not None:
             self.running = len(batch)
             try:
-                if batch[0].work is not None:
+                if batch[0].group is not None:
+                    self._run_group(batch)
+                elif batch[0].work is not None:
                     self._run_call(batch[0])
                 elif batch[0].stream:
                     self._run_stream(batch[0])
@@ -275,6 +300,16 @@ class Engine:
             self._deliver(job, job.work())
         except BaseException as exc:
             self._deliver(job, as_api_error(exc))
+
+    def _run_group(self, batch: list[_Job]) -> None:
+        assert batch[0].group is not None
+        try:
+            values = batch[0].group[1]([job.item for job in batch])
+        except BaseException as exc:
+            error = as_api_error(exc)
+            values = [error] * len(batch)
+        for job, value in zip(batch, values):
+            self._deliver(job, as_api_error(value) if isinstance(value, BaseException) else value)
 
     def _run_stream(self, job: _Job) -> None:
         try:

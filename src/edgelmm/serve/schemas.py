@@ -35,6 +35,8 @@ class Limits:
     max_prompts: int = 64  # prompts in one /v1/completions request
     max_connections: int = 64  # open connections at once; more get 503 before anything is read
     body_timeout_s: float = 30.0  # a request body that sends nothing for this long is dropped (408)
+    verify_cache_bytes: int = 512 * 2**20  # KV held by draft-verify sessions (serve/sessions.py)
+    max_verify_sessions: int = 1024
 
 
 class _Body(BaseModel):
@@ -188,3 +190,32 @@ class CompletionRequest(_Sampling):
         if prompt and all(isinstance(p, int) for p in prompt):
             return [prompt]  # type: ignore[list-item]
         return list(prompt)  # type: ignore[arg-type]
+
+
+class VerifyRequest(_Body):
+    """One round of the native draft-verify protocol (serve/sessions.py)."""
+
+    model: str | None = None
+    probe: bool = False
+    close: bool = False
+    session: str | None = Field(None, min_length=1, max_length=128)
+    messages: list[Message] | None = None  # the prompt, to open the session
+    prompt: list[int] | str | None = None  # or as token ids / raw text
+    images: list[str] = Field(default_factory=list)  # with `prompt`
+    keep: int = Field(0, ge=0)
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=256)
+    top_logprobs: int = Field(1, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _round(self) -> VerifyRequest:
+        if self.probe:
+            return self
+        if self.session is None:
+            raise ValueError("a verify round names its session")
+        if self.messages is not None and self.prompt is not None:
+            raise ValueError("open a session with messages or a prompt, not both")
+        if self.images and self.prompt is None:
+            raise ValueError("images go with a prompt (in messages they are image_url parts)")
+        if self.prompt in ("", []):
+            raise ValueError("the prompt is empty")
+        return self

@@ -1,0 +1,235 @@
+"""Draft–verify: greedy output token-identical to the cloud's own greedy decoding, in one process
+and over HTTP through both protocols against a real `edgelmm serve`; speculative sampling keeps
+the cloud's distribution; sessions the cloud lost are opened again; a cloud lost mid-answer
+leaves the edge to finish; the protocol probe and the tokenizer check."""
+
+import asyncio
+import collections
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+import torch
+
+from edgelmm import EdgelmmError, ModelSpec, Request, SamplingParams
+from edgelmm.backends.registry import load
+from edgelmm.collab.client import CloudClient, CloudSettings
+from edgelmm.collab.policy import Policy, load_policy
+from edgelmm.collab.router import FALLBACK, Router
+from edgelmm.collab.speculative import Drafter, DraftLength, LocalVerifier, accept, speculate, warp
+from edgelmm.collab.verify import GENERIC, NATIVE, GenericVerifier, NativeVerifier, prepare, probe
+from edgelmm.serve.engine import Engine
+from edgelmm.tasks import get_task
+from tests.collab.conftest import FaultyCloud
+
+CAPTION = SamplingParams(max_new_tokens=40, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def drafter_backend():
+    backend = load(ModelSpec(path="shapes-vlm-xs", device="cpu"))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def captions():
+    return [Request.chat(s.prompt, images=s.images) for s in get_task("shapes-caption").samples(4, seed=5)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_in_process_greedy_is_the_clouds_own_output(drafter_backend, edge_backend, captions):
+    for request in captions:
+        reference = edge_backend.generate([request], CAPTION)[0]
+        out = run(speculate(request, CAPTION, Drafter(drafter_backend), LocalVerifier(edge_backend), DraftLength()))
+        assert out.result.token_ids == reference.token_ids and out.result.text == reference.text
+        stats = out.stats
+        assert stats.rounds == stats.cloud_forward_passes == len(stats.draft_lengths)
+        assert 0 <= stats.accepted <= stats.drafted and stats.rounds < len(reference.token_ids)
+        # each round adds the cloud's token, but a last round that ends on an accepted draft
+        assert stats.accepted + stats.rounds - 1 <= len(out.result.token_ids) <= stats.accepted + stats.rounds
+
+
+@pytest.mark.parametrize("verifier", [NativeVerifier, GenericVerifier])
+def test_over_http_greedy_is_the_clouds_own_output(drafter_backend, edge_backend, cloud_url, captions, verifier):
+    async def go():
+        async with CloudClient(CloudSettings(cloud_url)) as cloud:
+            return [await speculate(r, CAPTION, Drafter(drafter_backend), verifier(cloud), DraftLength(fixed=4))
+                    for r in captions]
+
+    for request, out in zip(captions, run(go())):
+        assert out.result.token_ids == edge_backend.generate([request], CAPTION)[0].token_ids
+        assert out.stats.protocol == verifier.protocol
+        if verifier is NativeVerifier:  # a round reads the cloud's last token and the drafts, no more
+            rounds = [k + 1 for k in out.stats.draft_lengths]
+            assert out.stats.cloud_tokens_processed <= sum(rounds) and out.stats.cloud_prompt_tokens > 0
+        else:  # the whole sequence, every round
+            assert out.stats.cloud_tokens_processed > out.stats.rounds * 100
+
+
+def test_speculative_sampling_keeps_the_clouds_distribution():
+    """The token a round yields first is distributed as the cloud's p, whatever the edge's q."""
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=4)
+    cloud = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    dists = [list(zip(range(4), cloud.tolist())), list(zip(range(4), cloud.tolist()))]
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])  # the edge's own, over a vocabulary of 5
+    generator = torch.Generator().manual_seed(0)
+    counts = collections.Counter()
+    for _ in range(20000):
+        draft = int(torch.multinomial(q, 1, generator=generator))
+        m, token = accept([draft], [q], dists, params, generator)
+        counts[draft if m == 1 else token] += 1
+    empirical = torch.tensor([counts[i] / 20000 for i in range(4)])
+    assert torch.allclose(empirical, warp(cloud, params), atol=0.015)
+
+
+def test_draft_lengths_must_be_positive():
+    with pytest.raises(EdgelmmError, match="at least 1"):
+        DraftLength(fixed=0)
+    with pytest.raises(Exception, match="draft_length"):
+        Policy(mode="draft_verify", draft_length=0)
+    assert load_policy("draft-verify").mode == "draft_verify"
+
+
+def test_adaptive_length_drafts_longer_when_rounds_are_dear():
+    cheap, dear = DraftLength(), DraftLength()
+    for _ in range(10):
+        cheap.update(4, 3, 0.004, 0.001)
+        dear.update(4, 3, 0.004, 0.2)
+    assert dear.next() > cheap.next() >= 1
+
+
+def test_a_session_the_cloud_lost_is_opened_again(drafter_backend, edge_backend, cloud_url, captions):
+    async def go():
+        async with CloudClient(CloudSettings(cloud_url)) as cloud:
+            verifier = NativeVerifier(cloud)
+            original = verifier._round
+            rounds = 0
+
+            async def losing(agreed, drafts, top):
+                nonlocal rounds
+                rounds += 1
+                if rounds == 3:  # the cloud forgets the session between two rounds
+                    body = {"session": verifier.session, "close": True}
+                    assert (await cloud.call("/edgelmm/verify", body, lambda d: d))["closed"]
+                return await original(agreed, drafts, top)
+
+            verifier._round = losing
+            return await speculate(captions[0], CAPTION, Drafter(drafter_backend), verifier, DraftLength(fixed=2))
+
+    out = run(go())
+    assert out.result.token_ids == edge_backend.generate([captions[0]], CAPTION)[0].token_ids
+    assert out.stats.cloud_prompt_tokens > 0 and out.stats.rounds >= 3
+
+
+class _DiesAfter:
+    """A loopback proxy to the real cloud that forwards `n` POSTs and then drops every connection."""
+
+    def __init__(self, target: str, n: int):
+        owner, self.n, self.calls = self, n, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _relay(self, method):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else None
+                if method == "POST":
+                    owner.calls += 1
+                    if owner.calls > owner.n:
+                        self.close_connection = True
+                        self.connection.close()
+                        return
+                answer = httpx.request(method, target + self.path, content=body,
+                                       headers={"Content-Type": "application/json"}, timeout=30)
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def do_GET(self):
+                self._relay("GET")
+
+            def do_POST(self):
+                self._relay("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+def test_the_cloud_lost_mid_answer_leaves_the_edge_to_finish(drafter_backend, cloud, captions):
+    proxy = _DiesAfter(cloud.url, n=2)
+    edge = Engine(drafter_backend)
+    try:
+        async def go():
+            settings = CloudSettings(proxy.url, retries=0, timeout_s=5)
+            async with CloudClient(settings) as client:
+                router = Router(Policy(mode="draft_verify", draft_length=3), edge, client, NATIVE)
+                return await router.answer(captions[0], CAPTION)
+
+        routed = run(go())
+    finally:
+        edge.close()
+        proxy.server.shutdown()
+    assert routed.served_by == FALLBACK and "mid-answer" in routed.reason
+    assert routed.draft["rounds"] == 2 and routed.result.token_ids  # the agreed tokens kept, the rest the edge's
+    assert len(routed.result.token_ids) > routed.draft["accepted"] + routed.draft["rounds"]
+
+
+def test_the_probe_and_the_tokenizer_check(drafter_backend, cloud_url):
+    async def edge_ids(text):
+        return drafter_backend.tokenize(text, add_special_tokens=False)
+
+    async def other_ids(text):
+        return [1, 2, 3]
+
+    async def go():
+        async with CloudClient(CloudSettings(cloud_url)) as client:
+            found = await probe(client)
+            policy, protocol, _ = await prepare(Policy(mode="draft_verify"), client, edge_ids)
+            refused = await prepare(Policy(mode="draft_verify"), client, other_ids)
+            forced = await prepare(Policy(mode="draft_verify", protocol="generic"), client, edge_ids)
+        with FaultyCloud(status=404) as faulty:
+            async with CloudClient(CloudSettings(faulty.url, retries=0)) as client:
+                neither = await prepare(Policy(mode="draft_verify"), client, edge_ids)
+        return found, (policy, protocol), refused, forced, neither
+
+    found, (policy, protocol), refused, forced, neither = run(go())
+    assert found[0] == NATIVE and protocol == NATIVE and policy.mode == "draft_verify"
+    assert refused[1] is None and refused[0].mode == "route" and "tokenize differently" in refused[2]
+    assert forced[1] == GENERIC
+    assert neither[1] is None and neither[0].mode == "route" and "routing only" in neither[2]
+
+
+def test_the_verify_route_refuses_bad_rounds(cloud_url):
+    def post(body):
+        return httpx.post(cloud_url + "/edgelmm/verify", json=body, timeout=30)
+
+    assert post({"probe": True}).json()["protocol"] == "edgelmm-verify"
+    missing = post({"session": "nobody", "keep": 0, "tokens": [5]})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"
+    opened = post({"session": "s1", "prompt": "a b c", "tokens": [5, 6]}).json()
+    assert opened["opened"] and len(opened["scores"]) == 3
+    assert post({"session": "s1", "keep": 9, "tokens": [5]}).status_code == 400
+    assert post({"session": "s1", "keep": 1, "tokens": []}).status_code == 400
+    assert post({"session": "s1", "keep": 2, "tokens": [7], "top_logprobs": 3}).json()["processed_tokens"] == 1
+    assert json.loads(post({"session": "s1", "close": True}).text)["closed"]
+
+
+def test_an_oversized_session_is_dropped_not_kept(tmp_path):
+    from edgelmm.serve import BackgroundServer, Limits, build
+
+    app, engine = build(ModelSpec(path="shapes-vlm-xs", device="cpu"), limits=Limits(verify_cache_bytes=1024))
+    with BackgroundServer(app) as server:
+        answer = httpx.post(server.url + "/v1/edgelmm/verify", json={"session": "big", "prompt": "a b c", "tokens": [5]},
+                            timeout=30).json()
+        again = httpx.post(server.url + "/v1/edgelmm/verify", json={"session": "big", "keep": 1, "tokens": [6]}, timeout=30)
+    engine.close()
+    assert answer["kept"] is False and again.status_code == 404
