@@ -142,3 +142,30 @@ def test_export_command_writes_both_or_nothing(tmp_path, capsys):
     (tmp_path / "taken.gguf").write_bytes(b"mine")  # the language model's output exists: nothing is written
     assert main(["export", "gguf", "shapes-vlm-s", str(tmp_path / "taken.gguf"), "--mmproj", str(tmp_path / "t-mmproj.gguf")]) == 1
     assert "already exists" in capsys.readouterr().err and not (tmp_path / "t-mmproj.gguf").exists()
+
+
+def test_prompt_cache_serves_a_chats_next_turn_and_survives_a_restart(files, pair):
+    """llama-cpp-python's own RAM cache of prompt states: the second turn restores the first
+    turn's state (its image included) and reads only the rest, with the same answers; the states
+    are written to disk on close and read back at load."""
+    plain = pair[1]
+    state_file = files["root"] / "states.safetensors"
+    options = {"mmproj": str(files["s-mmproj"]), "n_threads": 1, "prompt_cache_mb": 64, "prompt_cache_file": str(state_file)}
+    cached = load(ModelSpec(path=str(files["s"]), options=options), backend="llamacpp")
+    sample = shapes(1, seed=7)[0]
+    first = [{"role": "user", "content": [{"type": "image", "image": sample.image}, {"type": "text", "text": sample.question}]}]
+    turns = []
+    for backend in (plain, cached):
+        one = backend.generate([Request(messages=first)], GREEDY)[0]
+        second = first + [{"role": "assistant", "content": one.text}, {"role": "user", "content": "How many shapes are there?"}]
+        turns.append((one.text, backend.generate([Request(messages=second)], GREEDY)[0].text))
+    assert turns[0] == turns[1]
+    assert cached.cache_hits == 1 and cached.cache_hit_tokens >= 144  # the whole first prompt, image and all
+    cached.close()
+    again = load(ModelSpec(path=str(files["s"]), options=options), backend="llamacpp")
+    assert again.generate([Request(messages=second)], GREEDY)[0].text == turns[0][1]
+    assert again.cache_hits == 1
+    again.close()
+    state_file.write_bytes(b"junk")
+    with pytest.raises(EdgelmmError, match="cannot read the prompt cache"):
+        load(ModelSpec(path=str(files["s"]), options=options), backend="llamacpp")

@@ -5,7 +5,8 @@ budget, M-RoPE families left out, and the cache written to disk and read back.""
 import pytest
 
 from edgelmm import EdgelmmError, ModelSpec, Request, SamplingParams, load
-from edgelmm.backends.prefix_cache import PrefixCache, prompt_keys
+from edgelmm.backends.cache_keys import prompt_keys
+from edgelmm.backends.prefix_cache import PrefixCache
 from tests.tiny_models import make_image, save_tiny
 
 GREEDY = SamplingParams(max_new_tokens=6)

@@ -30,9 +30,16 @@ def test_matrix_resume_and_report(tmp_path, cloud_url):
     out = tmp_path / "runs"
     report = run_ablation(config, out, progress=False)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    # 2 calibration runs; cloud_only, baseline, no_confidence at 2 RTTs; edge_only once
-    assert len(records) == 9
+    # 2 calibration runs; edge_only once; the six other presets at 2 RTTs
+    assert len(records) == 15
     by = {(r["split"], r["preset"], r["rtt_ms"]): r for r in records}
+    assert by[("test", "draft_verify", 0.0)]["cloud_share"] == 1.0  # the cloud's output, every request
+    assert by[("test", "draft_verify", 0.0)]["cloud_passes"] < by[("test", "cloud_only", 0.0)]["cloud_passes"]
+    assert "draft_verify" in by[("test", "baseline", 0.0)]["policy"]
+    assert "draft_verify (generic)" in by[("test", "no_kv_cache", 0.0)]["policy"]
+    assert "draft_verify" not in by[("test", "no_draft_verify", 0.0)]["policy"]
+    verified = [json.loads(line) for line in (out / "cells" / "test-no_confidence-shapes-vqa-n6-s0-rtt0.jsonl").read_text().splitlines()]
+    assert all(r["served_by"] == "draft_verify" and r["draft_verify"]["protocol"] == "native" for r in verified)
     assert by[("test", "cloud_only", 5.0)]["cloud_share"] == 1.0 and by[("test", "edge_only", 0.0)]["cloud_share"] == 0.0
     assert by[("test", "no_confidence", 0.0)]["cloud_share"] == 1.0
     assert by[("test", "cloud_only", 5.0)]["cloud_p50_ms"] >= 5.0  # the injected round trip is in the cloud's time

@@ -24,6 +24,7 @@ projector, requests with images are refused. Image prompts have no prompt log-pr
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result, Timings, TokenEvent, TokenScore, check_context
+from edgelmm.backends.cache_keys import prompt_keys
 from edgelmm.backends.engines import engine_options, no_methods
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError, RequestError
@@ -47,6 +49,10 @@ OPTIONS = {
     "logits_all": False,  # keep every position's logits: needed for prompt log-probabilities
     "seed": 0,
     "mmproj": None,  # the vision tower and projector GGUF (edgelmm export gguf --mmproj): images
+    # MiB of prompt states kept in llama-cpp-python's LlamaRAMCache (LRU by bytes): a prompt that
+    # begins as a kept one (a chat's next turn) restores it and reads only the rest; 0: off
+    "prompt_cache_mb": 0,
+    "prompt_cache_file": None,  # the kept states are read from here at load and written here on close
 }
 # edgelmm's own GGUF metadata, written by `edgelmm export gguf` and read here
 CHAT_PARTS_KEY = "edgelmm.chat_content_parts"  # the chat template reads a list of content parts (a VLM's)
@@ -73,6 +79,46 @@ def _fields(path: Path) -> dict[str, Any]:
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()
     return shifted - np.log(np.exp(shifted).sum())
+
+
+def _image_key(key: tuple[str, int]) -> int:
+    """An image position's prompt-cache key as an id no token has (llama-cpp-python keys are ids)."""
+    return -1 - (int(key[0][:12], 16) * 4096 + key[1]) % 2**62
+
+
+def write_states(cache: Any, path: Path) -> None:
+    """The kept prompt states to one safetensors file (atomically): keys, state bytes, ids, scores."""
+    from safetensors.numpy import save
+
+    from edgelmm.utils.io import atomic_write_bytes
+
+    tensors, meta = {}, {"format": "edgelmm-llamacpp-prompt-cache"}
+    for i, (key, state) in enumerate(cache.cache_state.items()):
+        tensors[f"{i}.key"] = np.asarray(key, dtype=np.int64)
+        tensors[f"{i}.state"] = np.frombuffer(state.llama_state, dtype=np.uint8)
+        tensors[f"{i}.input_ids"] = np.asarray(state.input_ids)
+        tensors[f"{i}.scores"] = np.asarray(state.scores, dtype=np.float32)
+        meta[f"{i}"] = json.dumps({"n_tokens": int(state.n_tokens), "seed": int(state.seed)})
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def read_states(cache: Any, path: Path) -> None:
+    from llama_cpp.llama import LlamaState
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "edgelmm-llamacpp-prompt-cache":
+                raise EdgelmmError(f"{path}: not an edgelmm llama.cpp prompt cache", "give a file this backend wrote")
+            for i in sorted(int(k) for k in meta if k.isdigit()):
+                info = json.loads(meta[str(i)])
+                blob = f.get_tensor(f"{i}.state").tobytes()
+                cache[tuple(int(t) for t in f.get_tensor(f"{i}.key"))] = LlamaState(
+                    input_ids=f.get_tensor(f"{i}.input_ids"), scores=f.get_tensor(f"{i}.scores"),
+                    n_tokens=info["n_tokens"], llama_state=blob, llama_state_size=len(blob), seed=info["seed"])
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise EdgelmmError(f"{path}: cannot read the prompt cache ({exc})", "delete it, or give a file this backend wrote") from None
 
 
 def _chunk_tokens(mtmd: Any, chunk: Any) -> list[int]:
@@ -115,6 +161,8 @@ class LlamaCppBackend(Backend):
         self._image_text = "<image>"
         self._image_id = -1  # its token id, once a projector is loaded
         self._metadata: dict[str, Any] = {}
+        self.prompt_cache: Any = None  # llama_cpp.LlamaRAMCache, keyed by prompt keys (images by content hash)
+        self.cache_hits = self.cache_misses = self.cache_hit_tokens = 0
 
     # ------------------------------------------------------------ lifecycle
     def load(self, spec: ModelSpec) -> None:
@@ -144,6 +192,10 @@ class LlamaCppBackend(Backend):
         self._metadata = metadata
         if options["mmproj"]:
             self._load_projector(Path(options["mmproj"]).expanduser())
+        if options["prompt_cache_mb"]:
+            self.prompt_cache = llama_cpp.LlamaRAMCache(capacity_bytes=int(float(options["prompt_cache_mb"]) * 2**20))
+            if options["prompt_cache_file"] and Path(options["prompt_cache_file"]).is_file():
+                read_states(self.prompt_cache, Path(options["prompt_cache_file"]))
 
     def _load_projector(self, path: Path) -> None:
         """mtmd on the projector GGUF, after checking it was made for this language model."""
@@ -186,6 +238,9 @@ class LlamaCppBackend(Backend):
         self._mtmd, self._mtmd_lib = context, mtmd
 
     def close(self) -> None:
+        if self.prompt_cache is not None and self.options.get("prompt_cache_file"):
+            write_states(self.prompt_cache, Path(self.options["prompt_cache_file"]))
+        self.prompt_cache = None
         if self._mtmd is not None:
             self._mtmd_lib.mtmd_free(self._mtmd)
             self._mtmd = None
@@ -353,32 +408,72 @@ class LlamaCppBackend(Backend):
             mtmd.mtmd_input_chunks_free(chunks)
 
     def _evaluate_prompt(self, request: Request, params: SamplingParams) -> tuple[list[int], int]:
-        """Reset the context and run the request's prompt through it: its ids and visual tokens."""
+        """Run the request's prompt through the context (from the longest kept prompt state that
+        it begins with, where the prompt cache is on): its ids and visual tokens."""
         if not request.all_images():
             prompt = self.prompt_token_ids(request)
             check_context(len(prompt), params, self.max_context)
-            self.llm.reset()
-            self.llm.eval(prompt)
+            start = self._restore(prompt, [False] * len(prompt))
+            self.llm.eval(prompt[start:])
+            self._remember(prompt)
             return prompt, 0
         if params.prompt_logprobs is not None:
             raise RequestError("the llamacpp backend gives no prompt log-probabilities for image prompts",
                                "use the torch backend to score prompts with images")
         with self._image_prompt(request) as (chunks, prompt, visual):
             check_context(len(prompt), params, self.max_context)
-            self.llm.reset()
-            self._eval_chunks(chunks)
+            mask = [t == self._image_id for t in prompt]
+            keys = [int(k) if isinstance(k, int) else _image_key(k) for k in prompt_keys(prompt, mask, request.all_images())]
+            start = self._restore(keys, mask)
+            self._eval_chunks(chunks, start)
+            self._remember(keys)
         return prompt, visual
 
-    def _eval_chunks(self, chunks: Any) -> None:
-        """Text chunks through llm.eval, image chunks through mtmd, at consecutive positions."""
+    def _restore(self, keys: list[int], image_mask: list[bool]) -> int:
+        """Load the kept state that shares the longest prefix with `keys` and cut it back to that
+        prefix (never into an image, always one token short); the positions restored (0: reset)."""
+        cache = self.prompt_cache
+        found = cache._find_longest_prefix_key(tuple(keys)) if cache is not None else None
+        if found is None:
+            self.llm.reset()
+            if cache is not None:
+                self.cache_misses += 1
+            return 0
+        common = min(self.llm.longest_token_prefix(found, keys), len(keys) - 1)
+        images = [i for i, m in enumerate(image_mask) if m]
+        if images and images[0] < common <= images[-1]:
+            common = images[0]
+        self.llm.load_state(cache[found])
+        self.llm._ctx.kv_cache_seq_rm(-1, common, -1)
+        self.llm.n_tokens = common
+        self.cache_hits += common > 0
+        self.cache_misses += common == 0
+        self.cache_hit_tokens += common
+        return common
+
+    def _remember(self, keys: list[int]) -> None:
+        if self.prompt_cache is not None:
+            self.prompt_cache[tuple(keys)] = self.llm.save_state()
+
+    def _eval_chunks(self, chunks: Any, skip: int = 0) -> None:
+        """Text chunks through llm.eval, image chunks through mtmd, at consecutive positions; the
+        first `skip` positions are already in the context (a restored state)."""
         import ctypes
 
         mtmd = self._mtmd_lib
         llama_cpp = self._llama_cpp
+        position = 0
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                self.llm.eval(_chunk_tokens(mtmd, chunk))
+                tokens = _chunk_tokens(mtmd, chunk)
+                if position + len(tokens) > skip:
+                    self.llm.eval(tokens[max(0, skip - position):])
+                position += len(tokens)
+                continue
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            position += n
+            if position <= skip:
                 continue
             past = llama_cpp.llama_pos(0)
             start = self.llm.n_tokens

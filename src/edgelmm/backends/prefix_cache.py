@@ -25,7 +25,6 @@ an edge device's cached conversations survive a restart.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from collections.abc import Hashable, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from edgelmm.backends.cache_keys import prompt_keys
 from edgelmm.errors import EdgelmmError
 
 FORMAT = "edgelmm-prefix-cache"
@@ -69,31 +69,6 @@ class Hit:
                 values = torch.cat([n.values[layer] for n in self.nodes], dim=1)[None, :, : self.tokens]
                 cache.update(keys.contiguous(), values.contiguous(), layer)
         return cache
-
-
-def image_hash(image: Any) -> str:
-    """A picture's content hash (its pixels, size and mode)."""
-    digest = hashlib.sha256(f"{getattr(image, 'mode', '')}:{getattr(image, 'size', '')}".encode())
-    digest.update(image.tobytes() if hasattr(image, "tobytes") else bytes(str(image), "utf8"))
-    return digest.hexdigest()[:32]
-
-
-def prompt_keys(ids: Sequence[int], image_mask: Sequence[bool], images: Sequence[Any]) -> list[Hashable]:
-    """A prompt's keys: token ids, and (image hash, index within the image) at image tokens. An
-    image's tokens are one run of image positions; runs and images are matched in order."""
-    hashes = [image_hash(i) for i in images]
-    keys: list[Hashable] = []
-    run, within = -1, 0
-    for position, (token, is_image) in enumerate(zip(ids, image_mask)):
-        if not is_image:
-            keys.append(int(token))
-            continue
-        if position == 0 or not image_mask[position - 1]:
-            run, within = run + 1, 0
-        name = hashes[run] if run < len(hashes) else f"unmatched-{run}"
-        keys.append((name, within))
-        within += 1
-    return keys
 
 
 class PrefixCache:

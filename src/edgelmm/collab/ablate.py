@@ -10,9 +10,14 @@
     policy: {strategy: ensemble, aggregate: mean}     # the baseline's; its threshold is fitted
     calibration: {seed: 1, target_quality: 0.97}      # fitted on this seed, reported on the task's
 
-Presets: `cloud_only` (the cloud alone), `edge_only` (the edge alone), `baseline` (routing with
-the policy fitted on the calibration seed), `no_confidence` (the edge runs, and every answer is
-sent to the cloud anyway). Every cell — preset × task × RTT, plus the two calibration runs per
+Presets: `cloud_only` (the cloud alone), `edge_only` (the edge alone), `baseline` (everything
+on: routing with the policy fitted on the calibration seed, escalated requests answered by
+draft-verify with the edge's own answer as the first drafts, the cloud's verify sessions and
+the edge's prefix cache), `no_confidence` (every answer escalated), `draft_verify` (every request
+by draft-verify: the cloud's own output), `no_draft_verify` (the baseline, escalated requests
+decoded by the cloud alone), `no_kv_cache` (the baseline through the generic verify protocol,
+which keeps nothing in the cloud between rounds, and without the edge's prefix cache). Where the
+cloud has no verify protocol, the presets that need one fail with the reason. Every cell — preset × task × RTT, plus the two calibration runs per
 task — goes through the real path: the edge in process, the cloud over HTTP. `edge_only` does
 not touch the network and runs once per task.
 
@@ -49,8 +54,18 @@ from edgelmm.errors import EdgelmmError
 from edgelmm.tasks import Task, get_task
 from edgelmm.utils.io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl_records
 
-PRESETS = ("cloud_only", "edge_only", "baseline", "no_confidence")
-PRESET_MODES = {"cloud_only": "cloud", "edge_only": "edge", "baseline": "route", "no_confidence": "escalate"}
+PRESETS = ("cloud_only", "edge_only", "baseline", "no_confidence", "draft_verify", "no_draft_verify", "no_kv_cache")
+# what each preset changes in the config's policy; "fitted": routing with the calibration seed's threshold
+PRESET_POLICIES: dict[str, dict[str, Any]] = {
+    "cloud_only": {"mode": "cloud"},
+    "edge_only": {"mode": "edge"},
+    "baseline": {"fitted": True, "escalate_by": "draft_verify"},
+    "no_confidence": {"mode": "escalate", "escalate_by": "draft_verify"},
+    "draft_verify": {"mode": "draft_verify"},
+    "no_draft_verify": {"fitted": True, "escalate_by": "complete"},
+    "no_kv_cache": {"fitted": True, "escalate_by": "draft_verify", "protocol": "generic", "edge_cache": False},
+}
+Preset = Literal["cloud_only", "edge_only", "baseline", "no_confidence", "draft_verify", "no_draft_verify", "no_kv_cache"]
 RESULTS, CELLS = "results.jsonl", "cells"
 
 
@@ -75,7 +90,7 @@ class AblateConfig(Schema):
     edge_backend: str = "torch"
     cloud: CloudSpec
     tasks: list[TaskSpec]
-    presets: list[Literal["cloud_only", "edge_only", "baseline", "no_confidence"]] = Field(default_factory=lambda: list(PRESETS))
+    presets: list[Preset] = Field(default_factory=lambda: list(PRESETS))
     rtts_ms: list[float] = Field(default_factory=lambda: [0.0])
     strategies: list[str] = Field(default_factory=lambda: ["max_prob", "entropy", "temperature", "top_mass", "ensemble"])
     policy: Policy = Field(default_factory=Policy)
@@ -147,7 +162,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     cloud = [r["cloud_ms"] for r in rows if r["cloud_ms"] is not None]
     return {
         "accuracy": sum(r["score"] for r in rows) / n,
-        "cloud_share": sum(r["served_by"] == "cloud" for r in rows) / n,
+        "cloud_share": sum(r["served_by"] in ("cloud", "draft_verify") for r in rows) / n,
+        # the cloud's forward passes: a verify round is one, a token the cloud decoded alone is one
+        "cloud_passes": sum(r["draft_verify"]["cloud_forward_passes"] if r.get("draft_verify") else r["cloud_tokens"]
+                            for r in rows),
         "fallback_share": sum(r["served_by"] == "edge_fallback" for r in rows) / n,
         "latency_p50_ms": percentile(total, 50), "latency_p90_ms": percentile(total, 90),
         "edge_p50_ms": percentile(edge, 50), "cloud_p50_ms": percentile(cloud, 50),
@@ -208,12 +226,15 @@ async def _run_cells(config: AblateConfig, out: Path, todo: list[dict[str, Any]]
         baselines: dict[str, Policy] = {}  # per task, fitted once its calibration cells are done
         for cell in todo:
             spec, task = tasks[cell["task"]]
-            if cell["preset"] == "baseline":
+            change = dict(PRESET_POLICIES[cell["preset"]])
+            fitted, edge_cache = change.pop("fitted", False), change.pop("edge_cache", True)
+            base = config.policy
+            if fitted:
                 if cell["task"] not in baselines:
                     baselines[cell["task"]] = fitted_policies(config, out, cell["task"])[config.policy.strategy]
-                policy = baselines[cell["task"]]
-            else:
-                policy = config.policy.model_copy(update={"mode": PRESET_MODES[cell["preset"]]})
+                base = baselines[cell["task"]]
+            policy = base.model_copy(update=change)
+            session.edge_cache(edge_cache)
             params = cell_sampling(config, spec, task)
             samples = task.samples(cell["samples"], cell["seed"])
             if config.warmup:

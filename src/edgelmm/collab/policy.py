@@ -10,6 +10,8 @@
     draft_length: null           # draft_verify: tokens per round; null adapts it (collab/speculative.py)
     draft_max: 8                 # draft_verify: the adaptive length's ceiling
     protocol: auto               # draft_verify: auto (probe) | native (edgelmm serve) | generic (echo + logprobs)
+    escalate_by: complete        # route/escalate: how an escalated request is answered: complete (the cloud
+                                 # decodes it) | draft_verify (the edge's own tokens are the first drafts)
 
 `--policy` takes such a file or a mode's name (the other fields at their defaults);
 `draft-verify` is the same as `draft_verify`.
@@ -43,6 +45,7 @@ class Policy(Schema):
     draft_length: int | None = Field(None, ge=1, le=64)
     draft_max: int = Field(8, ge=1, le=64)
     protocol: Literal["auto", "native", "generic"] = "auto"
+    escalate_by: Literal["complete", "draft_verify"] = "complete"
     fitted: dict[str, Any] | None = None  # what calibration measured, for the record
 
     @field_validator("mode", mode="before")
@@ -61,6 +64,11 @@ class Policy(Schema):
     @property
     def scorer(self) -> Strategy:
         return parse_strategy(self.strategy)
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the policy uses draft-verify (for every request, or for escalated ones)."""
+        return self.mode == "draft_verify" or (self.mode in ("route", "escalate") and self.escalate_by == "draft_verify")
 
     @property
     def runs_edge(self) -> bool:
@@ -86,10 +94,13 @@ class Policy(Schema):
     def label(self) -> str:
         if self.mode == "draft_verify":
             return f"draft_verify (k={self.draft_length or f'adaptive<={self.draft_max}'})"
-        if self.mode != "route":
+        if self.mode not in ("route", "escalate"):
             return self.mode
         early = f", early_k={self.early_k}" if self.early_k else ""
-        return f"{self.strategy} [{self.aggregate}] < {self.threshold:.3g}{early}"
+        verified = f", escalated by draft_verify ({self.protocol})" if self.verifies else ""
+        if self.mode == "escalate":
+            return "escalate" + verified
+        return f"{self.strategy} [{self.aggregate}] < {self.threshold:.3g}{early}{verified}"
 
 
 def load_policy(source: str | Path | Policy | None) -> Policy:

@@ -93,7 +93,7 @@ class RouterMetrics:
 
 class Router:
     def __init__(self, policy: Policy, edge: Engine | None, cloud: CloudClient | None, protocol: str | None = None):
-        if policy.mode == "draft_verify" and protocol is None:
+        if policy.verifies and protocol is None:
             raise EdgelmmError("policy draft_verify needs the verify protocol the cloud supports",
                                "set the router up with collab.server.prepare (it probes the cloud)")
         if policy.runs_edge and edge is None:
@@ -155,6 +155,8 @@ class Router:
         if not self.policy.escalates(confidence):
             return Routed(edge, EDGE, confidence, edge_s, None, time.perf_counter() - started, edge.counts.generated_tokens,
                           0, None, done.texts, done.queued_s)
+        if self.policy.verifies:
+            return await self._draft_verify(request, params, started, confidence, edge_s, edge.token_ids)
         return await self._ask_cloud(request, params, started, confidence, edge_s, edge.counts.generated_tokens,
                                      lambda: _ready(edge), done.texts)
 
@@ -163,6 +165,7 @@ class Router:
         assert self.edge is not None and self.policy.early_k
         stream = self.edge.open_stream(request, self.policy.edge_params(params), explicit, texts=params.wants_logprobs)
         seen: list[Position] = []
+        tokens: list[int] = []
         texts: dict[int, str] = {}
         result: Result | None = None
         try:
@@ -172,6 +175,7 @@ class Router:
                     result = item.event.result
                     break
                 if item.event.token_id is not None and item.event.logprob is not None:
+                    tokens.append(item.event.token_id)
                     seen.append(Position(item.event.logprob, tuple(item.event.top or ())))
                     if len(seen) >= self.policy.early_k:
                         break
@@ -186,6 +190,10 @@ class Router:
             edge = self._as_asked(result, params)
             return Routed(edge, EDGE, confidence, time.perf_counter() - started, None, time.perf_counter() - started,
                           edge.counts.generated_tokens, 0, None, texts)
+        if self.policy.verifies:
+            stream.cancel()
+            drafts = result.token_ids if result is not None else tokens
+            return await self._draft_verify(request, params, started, confidence, decided_s, drafts)
         rest = asyncio.ensure_future(_finish(stream, texts) if result is None else _ready(result))
 
         async def edge_answer() -> Result:
@@ -197,16 +205,19 @@ class Router:
             stream.cancel()
             rest.cancel()
 
-    async def _draft_verify(self, request: Request, params: SamplingParams, started: float) -> Routed:
-        """The cloud's own output, drafted by the edge; the edge finishes alone if the cloud goes."""
+    async def _draft_verify(self, request: Request, params: SamplingParams, started: float,
+                            confidence: float | None = None, edge_s: float = 0.0, first_drafts: list[int] | None = None,
+                            ) -> Routed:
+        """The cloud's own output, drafted by the edge (starting from `first_drafts`, the edge's
+        answer to an escalated request); the edge finishes alone if the cloud goes."""
         assert self.edge is not None and self.cloud is not None and self.protocol is not None
         drafter = Drafter(self.edge.backend)
         out = await speculate(request, params, drafter, verifier_for(self.protocol, self.cloud), self.length,
-                              run_edge=self.edge.call, failures=(CloudError,))
+                              run_edge=self.edge.call, failures=(CloudError,), first_drafts=first_drafts)
         if out.fallback is not None:
             self.metrics.failures.inc(1, "mid_answer")
         stats = out.stats
-        return Routed(out.result, FALLBACK if out.fallback else DRAFT, None, stats.edge_s, stats.verify_s,
+        return Routed(out.result, FALLBACK if out.fallback else DRAFT, confidence, edge_s + stats.edge_s, stats.verify_s,
                       time.perf_counter() - started, stats.drafted, out.result.counts.generated_tokens, out.fallback,
                       draft=stats.info())
 

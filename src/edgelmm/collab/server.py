@@ -125,7 +125,7 @@ def wrap(policy: Policy, cloud: CloudClient | None) -> Any:
 
     def routing(edge: Engine) -> RoutingEngine:
         run, protocol = policy, None
-        if policy.mode == "draft_verify":
+        if policy.verifies:
             run, protocol, notice = asyncio.run(_prepared(policy, cloud, edge))
             print(f"edgelmm: {notice}", file=sys.stderr)
         return RoutingEngine(edge, Router(run, edge, cloud, protocol))

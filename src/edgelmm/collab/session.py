@@ -92,6 +92,7 @@ class Session:
         self._settings: CloudSettings | None = cloud if isinstance(cloud, CloudSettings) else None
         self._server: Any = None
         self._clouds: dict[float, CloudClient] = {}
+        self._edge_cache: Any = None  # the edge's prefix cache while it is switched off
 
     async def __aenter__(self) -> Session:
         from edgelmm.backends.registry import load
@@ -130,11 +131,21 @@ class Session:
             self._clouds[rtt] = client
         return self._clouds[rtt]
 
+    def edge_cache(self, on: bool) -> None:
+        """Switch the edge's prefix cache (torch: options.prefix_cache_mb) on or off between runs."""
+        backend = self.edge.backend if self.edge is not None else None
+        if backend is None or not hasattr(backend, "prefix_cache"):
+            return
+        if on and self._edge_cache is not None:
+            backend.prefix_cache, self._edge_cache = self._edge_cache, None
+        elif not on and backend.prefix_cache is not None:
+            self._edge_cache, backend.prefix_cache = backend.prefix_cache, None
+
     async def router(self, policy: Policy, rtt_ms: float | None = None) -> Router:
         """A Router with `policy`; the edge is there to fall back on even when the policy never asks it.
         A draft_verify policy that cannot run (no verify protocol, other tokenizers) is an error here."""
         cloud = await self.cloud(rtt_ms) if policy.mode != "edge" else None
-        if policy.mode != "draft_verify":
+        if not policy.verifies:
             return Router(policy, self.edge, cloud)
         edge = self.edge
         if edge is None:

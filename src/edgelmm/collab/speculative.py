@@ -281,9 +281,11 @@ class Speculated:
 
 async def speculate(request: Request, params: SamplingParams, drafter: Drafter, verifier: Verifier, length: DraftLength,
                     run_edge: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
-                    failures: tuple[type[BaseException], ...] = ()) -> Speculated:
+                    failures: tuple[type[BaseException], ...] = (), first_drafts: list[int] | None = None) -> Speculated:
     """One answer by draft–verify (see the module doc). A verifier error of a type in `failures`
-    (the cloud lost mid-answer) leaves the tokens agreed so far, and the edge finishes alone."""
+    (the cloud lost mid-answer) leaves the tokens agreed so far, and the edge finishes alone.
+    `first_drafts` (greedy only): tokens the edge already has — its own answer to a request that
+    was escalated — verified as the first round's drafts instead of drafting anew."""
     run = run_edge or _inline
     t0 = time.perf_counter()
     stats = DraftStats(protocol=verifier.protocol)
@@ -314,8 +316,11 @@ async def speculate(request: Request, params: SamplingParams, drafter: Drafter, 
         while not finished:
             k = min(length.next(), params.max_new_tokens - len(agreed) - 1)
             started = time.perf_counter()
-            drafts, edge_dists = (await run(functools.partial(drafter.draft, agreed, k, params, generator))
-                                  if k > 0 else ([], []))
+            if first_drafts and params.greedy and not agreed:
+                drafts, edge_dists = first_drafts[: max(0, params.max_new_tokens - 1)], []
+            else:
+                drafts, edge_dists = (await run(functools.partial(drafter.draft, agreed, k, params, generator))
+                                      if k > 0 else ([], []))
             drafted = time.perf_counter()
             verified = await verifier.verify(agreed, drafts, top)
             done = time.perf_counter()
@@ -330,7 +335,8 @@ async def speculate(request: Request, params: SamplingParams, drafter: Drafter, 
             stats.verify_s += done - drafted
             if m < len(drafts):
                 stats.corrections.append(len(agreed) + m)
-            length.update(len(drafts), m, drafted - started, done - drafted)
+            if stats.rounds > 1 or not first_drafts:  # the edge's own answer says nothing of the draft length
+                length.update(len(drafts), m, drafted - started, done - drafted)
             before = len(agreed)
             finished = take(drafts[:m] + [token], verified.dists[: m + 1])
             stats.accepted += min(m, len(agreed) - before)  # drafts past the answer's end are not counted

@@ -190,11 +190,12 @@ def verifier_for(protocol: str, cloud: CloudClient) -> Verifier:
 
 async def prepare(policy: Policy, cloud: CloudClient | None,
                   edge_ids: Callable[[str], Awaitable[list[int]]]) -> tuple[Policy, str | None, str | None]:
-    """(the policy to run, the verify protocol, a line for the user) for a draft_verify policy:
-    the protocol the policy names or the probe finds, and the tokenizers compared (`edge_ids`
-    tokenizes a text as the edge does). Where draft-verify cannot run, the policy becomes routing
-    and the line says why; other policies pass through."""
-    if policy.mode != "draft_verify":
+    """(the policy to run, the verify protocol, a line for the user) for a policy that verifies
+    (mode draft_verify, or escalate_by draft_verify): the protocol the policy names or the probe
+    finds, and the tokenizers compared (`edge_ids` tokenizes a text as the edge does). Where
+    draft-verify cannot run, the policy routes instead (escalated requests are completed by the
+    cloud) and the line says why; other policies pass through."""
+    if not policy.verifies:
         return policy, None, None
     if cloud is None:
         raise EdgelmmError("policy draft_verify needs a cloud", "give --cloud URL")
@@ -208,5 +209,8 @@ async def prepare(policy: Policy, cloud: CloudClient | None,
         if why is not None:
             protocol, notice = None, f"draft-verify is off: {why}; routing only"
     if protocol is None:
-        policy = policy.model_copy(update={"mode": "route"})
+        policy = policy.model_copy(update={"mode": "route" if policy.mode == "draft_verify" else policy.mode,
+                                           "escalate_by": "complete"})
+    else:
+        policy = policy.model_copy(update={"protocol": protocol})
     return policy, protocol, notice

@@ -32,7 +32,7 @@ from edgelmm.request import Request
 from edgelmm.serve.engine import Completion, Engine, Stream, StreamItem
 from edgelmm.serve.errors import ApiError, log
 from edgelmm.serve.images import load_image
-from edgelmm.serve.metrics import Metrics
+from edgelmm.serve.metrics import Metrics, prefix_cache_metrics
 from edgelmm.serve.responses import (
     Names,
     chat_logprobs,
@@ -572,6 +572,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.add_api_route("/detokenize", detokenize, methods=["POST"], dependencies=keyed)
     app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"], dependencies=keyed)
     app.add_api_route("/v1/edgelmm/verify", verify, methods=["POST"], dependencies=keyed)
+    prefix = getattr(engine.backend, "prefix_cache", None)
+    if prefix is not None:
+        app.state.server.metrics.extra.extend(prefix_cache_metrics(prefix))
     if hasattr(engine.backend, "kv_runner") and hasattr(engine, "call_grouped"):
         limits = config.limits
         sessions = VerifySessions(engine.backend, limits.verify_cache_bytes, limits.max_verify_sessions)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from typing import Any
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -39,6 +40,28 @@ class Gauge:
 
     def render(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {self.read():g}"]
+
+
+class Total:
+    """A counter kept elsewhere (read when scraped)."""
+
+    def __init__(self, name: str, help: str, read: Callable[[], float]):
+        self.name, self.help, self.read = name, help, read
+
+    def render(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter", f"{self.name} {self.read():g}"]
+
+
+def prefix_cache_metrics(cache: Any) -> list[Total | Gauge]:
+    """The torch backend's prefix cache (backends/prefix_cache.py) in /metrics."""
+    return [
+        Total("edgelmm_prefix_cache_hits_total", "Prompts that found a cached prefix.", lambda: cache.hits),
+        Total("edgelmm_prefix_cache_misses_total", "Prompts that found none.", lambda: cache.misses),
+        Total("edgelmm_prefix_cache_hit_tokens_total", "Prompt tokens read from the cache.", lambda: cache.hit_tokens),
+        Total("edgelmm_prefix_cache_lookup_tokens_total", "Prompt tokens looked up.", lambda: cache.lookup_tokens),
+        Total("edgelmm_prefix_cache_evictions_total", "Blocks evicted for the byte budget.", lambda: cache.evictions),
+        Gauge("edgelmm_prefix_cache_bytes", "KV bytes the prefix cache holds.", lambda: cache.nbytes),
+    ]
 
 
 class Histogram:
@@ -72,7 +95,7 @@ class Metrics:
             Gauge("edgelmm_requests_waiting", "Requests queued for the engine.", queued),
             Gauge("edgelmm_requests_running", "Requests in the model right now.", running),
         )
-        self.extra: list[Counter | Gauge | Histogram] = []  # what a server built on this one adds
+        self.extra: list[Counter | Gauge | Histogram | Total] = []  # what a server built on this one adds
 
     def render(self) -> str:
         parts = (self.requests, self.errors, self.prompt_tokens, self.generation_tokens, self.ttft, self.latency, *self.gauges,
