@@ -7,10 +7,15 @@ cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 out=benchmarks/collab/results
 lscpu | grep -E "Model name|^CPU\(s\)" > "$out/machine.txt"
-# 1. the matrix: presets x RTTs, every strategy's curve, thresholds fitted on seed 1 and reported on seed 0
-edgelmm collab ablate configs/experiments/collab_demo.yaml --out "$out/ablate-cpu" > "$out/ablate-cpu.log"
-# 2. what routing costs a request kept on the edge
+# 1. draft-verify: lossless against cloud-only greedy through both protocols, the cloud's cost per
+#    token, latency over injected RTTs, and the cloud's capacity under 16 edge clients
+python benchmarks/collab/draft_verify.py --out "$out/draft-verify-cpu.json" > "$out/draft-verify-cpu.log" 2>&1
+# 2. the second turn of a chat with and without the KV caches (edge torch, edge llamacpp, cloud)
+python benchmarks/collab/caches.py --out "$out/caches-cpu.json" > "$out/caches-cpu.log" 2>&1
+# 3. the matrix: presets x tasks x RTTs, every strategy's curve, thresholds fitted on seed 1, reported on seed 0
+edgelmm collab ablate configs/experiments/collab_demo.yaml --out "$out/ablate-cpu" > "$out/ablate-cpu.log" 2>&1
+# 4. what routing costs a request kept on the edge
 python benchmarks/collab/overhead.py --policy "$out/ablate-cpu/policies/shapes-vqa-baseline.yaml" \
   --out "$out/overhead-cpu.json" > "$out/overhead-cpu.log"
-# 3. the cloud killed and restarted twice under 16 concurrent clients
+# 5. the cloud killed and restarted twice under 16 concurrent clients
 python benchmarks/collab/faults.py --out "$out/faults-cpu.json" > "$out/faults-cpu.log"

@@ -97,4 +97,6 @@ def test_a_session_serves_its_own_cloud_in_a_process_of_its_own():
 def test_the_bundled_demo_matrix_loads_by_name():
     config = load_yaml("collab_demo", AblateConfig)
     assert config.edge.path == "shapes-vlm-xs" and config.cloud.serve.path == "shapes-vlm-l"
-    assert config.presets == ["cloud_only", "edge_only", "baseline", "no_confidence"]
+    assert config.presets == ["cloud_only", "edge_only", "baseline", "no_confidence", "draft_verify", "no_draft_verify",
+                              "no_kv_cache"]
+    assert config.edge.options["prefix_cache_mb"] and config.cloud.serve.options["prefix_cache_mb"]

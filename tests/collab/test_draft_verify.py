@@ -131,7 +131,7 @@ class _DiesAfter:
     """A loopback proxy to the real cloud that forwards `n` POSTs and then drops every connection."""
 
     def __init__(self, target: str, n: int):
-        owner, self.n, self.calls = self, n, 0
+        owner, self.n, self.calls, self.sessions = self, n, 0, []
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -141,6 +141,7 @@ class _DiesAfter:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else None
                 if method == "POST":
                     owner.calls += 1
+                    owner.sessions.append(self.headers.get("x-session-id"))
                     if owner.calls > owner.n:
                         self.close_connection = True
                         self.connection.close()
@@ -181,6 +182,22 @@ def test_the_cloud_lost_mid_answer_leaves_the_edge_to_finish(drafter_backend, cl
     assert routed.served_by == FALLBACK and "mid-answer" in routed.reason
     assert routed.draft["rounds"] == 2 and routed.result.token_ids  # the agreed tokens kept, the rest the edge's
     assert len(routed.result.token_ids) > routed.draft["accepted"] + routed.draft["rounds"]
+
+
+def test_every_round_names_its_session_for_a_load_balancer(drafter_backend, cloud, captions):
+    proxy = _DiesAfter(cloud.url, n=10**6)
+
+    async def go():
+        async with CloudClient(CloudSettings(proxy.url)) as client:
+            for verifier in (GenericVerifier(client), GenericVerifier(client), NativeVerifier(client)):
+                await speculate(captions[1], CAPTION, Drafter(drafter_backend), verifier, DraftLength(fixed=3))
+
+    try:
+        run(go())
+    finally:
+        proxy.server.shutdown()
+    sessions = proxy.sessions  # /tokenize, every round, and the native session's close
+    assert all(s is not None and s.startswith("dv-") for s in sessions) and len(set(sessions)) == 3
 
 
 def test_the_probe_and_the_tokenizer_check(drafter_backend, cloud_url):
@@ -233,3 +250,43 @@ def test_an_oversized_session_is_dropped_not_kept(tmp_path):
         again = httpx.post(server.url + "/v1/edgelmm/verify", json={"session": "big", "keep": 1, "tokens": [6]}, timeout=30)
     engine.close()
     assert answer["kept"] is False and again.status_code == 404
+
+
+def test_rounds_from_many_sessions_are_read_together_and_answer_as_alone(edge_backend):
+    from edgelmm.serve.sessions import Round, VerifySessions
+
+    sessions = VerifySessions(edge_backend, budget_bytes=2**30)
+    prompts = [Request(text=f"what is shown {i} ?") for i in range(4)]
+    sessions.run([Round(f"s{i}", p, 0, [5, 6], 2) for i, p in enumerate(prompts)])
+    together = sessions.run([Round(f"s{i}", None, 2, [7, 8, 9][: i + 1], 2) for i in range(4)])
+    assert [a["batch"] for a in together] == [4] * 4 and sessions.batches.values[()] == 1
+    for i, p in enumerate(prompts):
+        sessions.run([Round(f"a{i}", p, 0, [5, 6], 2)])
+        [alone] = sessions.run([Round(f"a{i}", None, 2, [7, 8, 9][: i + 1], 2)])
+        assert [[t for t, _ in row] for row in alone["scores"]] == [[t for t, _ in row] for row in together[i]["scores"]]
+        for got, want in zip(together[i]["scores"], alone["scores"]):
+            assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(got, want))
+    missing = sessions.run([Round("nobody", None, 0, [5], 1), Round("s0", None, 3, [1], 1)])
+    assert [type(m).__name__ for m in missing] == ["ApiError", "dict"]  # one bad round does not sink the others
+
+
+def test_the_engine_runs_waiting_grouped_calls_together(edge_backend):
+    engine = Engine(edge_backend)
+    gate = threading.Event()
+    seen = []
+
+    async def go():
+        blocker = asyncio.ensure_future(engine.call(gate.wait))
+        await asyncio.sleep(0.05)  # the engine thread is inside the blocker now
+        grouped = [asyncio.ensure_future(engine.call_grouped("g", lambda items: seen.append(list(items)) or items, i))
+                   for i in range(3)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        return await asyncio.gather(*grouped)
+
+    try:
+        assert run(go()) == [0, 1, 2]
+    finally:
+        engine.close()
+    assert seen == [[0, 1, 2]]

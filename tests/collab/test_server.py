@@ -13,7 +13,7 @@ from edgelmm import ModelSpec
 from edgelmm.collab.client import CloudSettings
 from edgelmm.collab.policy import Policy
 from edgelmm.collab.server import check_cloud, wrap
-from edgelmm.demo.shapes import generate
+from edgelmm.demo.shapes import CAPTION_PROMPT, generate
 from edgelmm.errors import EdgelmmError
 from edgelmm.serve import BackgroundServer, build
 from tests.collab.conftest import MODEL, FaultyCloud
@@ -104,3 +104,39 @@ def test_start_up_checks_of_the_cloud(cloud_url):
         check_cloud(CloudSettings(cloud_url.removesuffix("/v1") + "/nothing"))
     with pytest.raises(EdgelmmError, match="not an http"):
         CloudSettings("localhost:8000")
+
+
+def test_draft_verify_through_collab_serve_and_the_openai_client(cloud_url, capsys):
+    """`--policy draft-verify`: the cloud's own greedy answer, its statistics in the extension
+    field; a routing policy escalating by draft-verify; and a cloud without a verify protocol
+    leaves routing, with the line that says why."""
+    cloud = openai.OpenAI(base_url=cloud_url, api_key="unused", max_retries=0, timeout=60)
+    with edge_server(cloud_url, Policy(mode="draft_verify")) as dv, \
+            edge_server(cloud_url, Policy(threshold=1.0, escalate_by="draft_verify")) as escalating:
+        assert "native protocol" in capsys.readouterr().err
+        for server in (dv, escalating):
+            ours = client(server).chat.completions.create(model=MODEL, messages=messages(1), max_tokens=12, temperature=0)
+            theirs = cloud.chat.completions.create(model=MODEL, messages=messages(1), max_tokens=12, temperature=0)
+            info = ours.model_extra["edgelmm"]
+            assert ours.choices[0].message.content == theirs.choices[0].message.content
+            assert info["served_by"] == "draft_verify" and info["draft_verify"]["protocol"] == "native"
+            assert info["draft_verify"]["rounds"] >= 1 and httpx.get(server.url + "/health").json()["cloud_share"] == 1.0
+        assert info["confidence"] is not None  # the escalated one was routed first
+    for server in (dv, escalating):
+        server.engine.close()
+    with FaultyCloud(status=404) as faulty, edge_server(faulty.url, Policy(mode="draft_verify"), retries=0) as routed:
+        assert "routing only" in capsys.readouterr().err
+        assert "draft_verify" not in httpx.get(routed.url + "/health").json()["policy"]
+    routed.engine.close()
+
+
+def test_a_draft_verify_stream_comes_round_by_round(cloud_url):
+    with edge_server(cloud_url, Policy(mode="draft_verify", draft_length=2)) as server:
+        chunks = list(client(server).chat.completions.create(model=MODEL, messages=messages(2, CAPTION_PROMPT),
+                                                              max_tokens=24, temperature=0, stream=True))
+        whole = client(server).chat.completions.create(model=MODEL, messages=messages(2, CAPTION_PROMPT),
+                                                       max_tokens=24, temperature=0)
+    server.engine.close()
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) > 2 and "".join(texts) == whole.choices[0].message.content
+    assert chunks[-1].model_extra["edgelmm"]["served_by"] == "draft_verify"

@@ -12,7 +12,7 @@ node holds one block's keys and values for every layer, below the node of the bl
 A prompt's last, shorter block is kept as a leaf too. A lookup walks down from the root as far as
 blocks match (a short leaf matches the start of a block): that prefix's KV is reused, and only
 the rest of the prompt is prefilled. Nodes are evicted least recently used first, leaves
-only (a node's children need it), until the bytes held fit the budget.
+only (a node's children need it), down to 90 % of the budget once the bytes held pass it.
 
 What a hit may cover: it never ends inside the prompt's images (a partly cached image would need
 its pixels split; the hit is cut back to before the first image instead) and always leaves one
@@ -48,6 +48,7 @@ class _Node:
     keys: list[torch.Tensor] = field(default_factory=list)  # per layer [kv heads, block, head dim]
     values: list[torch.Tensor] = field(default_factory=list)
     children: dict[tuple[Hashable, ...], _Node] = field(default_factory=dict)
+    short: dict[tuple[Hashable, ...], _Node] = field(default_factory=dict)  # the children of fewer than `block` keys
     used: int = 0
 
     @property
@@ -91,7 +92,7 @@ class PrefixCache:
         for block in self._blocks(keys):
             child = node.children.get(block)
             if child is None:  # a shorter leaf may still begin this block
-                child = next((c for c in node.children.values()
+                child = next((c for c in node.short.values()
                               if len(c.block) < len(block) and block[: len(c.block)] == c.block), None)
             if child is None:
                 break
@@ -131,22 +132,31 @@ class PrefixCache:
                 child = _Node(block, node, [lay.keys[0, :, span].clone() for lay in layers],
                               [lay.values[0, :, span].clone() for lay in layers])
                 node.children[block] = child
+                if len(block) < self.block:
+                    node.short[block] = child
                 self.nbytes += child.nbytes
             child.used = tick
             node = child
         self._evict(keep=node)
 
     def _evict(self, keep: _Node | None = None) -> None:
+        """Past the budget, evict least recently used leaves down to 90 % of it (so that the tree
+        is walked once per many inserts, not once per block); the newest prompt's leaf goes last."""
         while self.nbytes > self.budget:
-            leaves = [n for n in self._nodes() if not n.children]
-            leaves = [n for n in leaves if n is not keep] or leaves  # the newest prompt goes last
+            leaves = sorted((n for n in self._nodes() if not n.children), key=lambda n: (n is keep, n.used))
             if not leaves:
                 break
-            oldest = min(leaves, key=lambda n: n.used)
-            assert oldest.parent is not None
-            del oldest.parent.children[oldest.block]
-            self.nbytes -= oldest.nbytes
-            self.evictions += 1
+            for leaf in leaves:
+                if self.nbytes <= 0.9 * self.budget:
+                    return
+                self._remove(leaf)
+
+    def _remove(self, node: _Node) -> None:
+        assert node.parent is not None
+        del node.parent.children[node.block]
+        node.parent.short.pop(node.block, None)
+        self.nbytes -= node.nbytes
+        self.evictions += 1
 
     def _nodes(self) -> list[_Node]:
         out, todo = [], list(self.root.children.values())
@@ -201,10 +211,13 @@ class PrefixCache:
                         node = _Node(block, parent, [f.get_tensor(f"{i}.{j}.k") for j in range(layers)],
                                      [f.get_tensor(f"{i}.{j}.v") for j in range(layers)], used=int(entry["used"]))
                         parent.children[block] = node
+                        if len(block) < self.block:
+                            parent.short[block] = node
                         self.nbytes += node.nbytes
                     nodes.append(node)
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise EdgelmmError(f"{path}: cannot read the prefix cache ({exc})", "give a file that save() wrote") from None
+        self._clock = itertools.count(max((n.used for n in self._nodes()), default=0) + 1)  # newer than what was read
         self._evict()
         return len(tree)
 

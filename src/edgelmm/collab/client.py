@@ -115,7 +115,7 @@ class Breaker:
             self.state, self.opened_at, self._probing = OPEN, time.monotonic(), False
 
 
-def _faulty_transport(settings: CloudSettings) -> Any:
+def faulty_transport(settings: CloudSettings) -> Any:
     """httpx's transport, with the injected delay and loss of `settings` around each try."""
     httpx = httpx_module()
     inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=settings.max_connections))
@@ -163,7 +163,7 @@ class CloudClient:
             httpx = httpx_module()
             s = self.settings
             self._client = httpx.AsyncClient(
-                base_url=s.base_url, transport=_faulty_transport(s),
+                base_url=s.base_url, transport=faulty_transport(s),
                 headers={"Authorization": f"Bearer {s.api_key}"} if s.api_key else {},
                 timeout=httpx.Timeout(s.timeout_s, connect=s.connect_timeout_s),
             )
@@ -222,7 +222,8 @@ class CloudClient:
         t0 = time.perf_counter()
         return await self.call(route, body, lambda data: whole_result(route, body, data, params, t0, time.perf_counter()))
 
-    async def call(self, route: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
+    async def call(self, route: str, body: dict[str, Any], parse: Callable[[Any], T],
+                   headers: dict[str, str] | None = None) -> T:
         """POST `body` to `route` (under the API root; an absolute path such as "/tokenize" goes
         to the server's root when it starts with "//") and `parse` the JSON answer, within
         timeout_s, retried and breaker-guarded as every cloud call is; CloudError otherwise."""
@@ -236,7 +237,7 @@ class CloudClient:
         started = time.perf_counter()
         tries = [0]
         try:
-            result = await asyncio.wait_for(self._tries(route, body, parse, tries), self.settings.timeout_s)
+            result = await asyncio.wait_for(self._tries(route, body, parse, tries, headers), self.settings.timeout_s)
         except asyncio.TimeoutError:
             self.breaker.failure()
             raise self._failed("timeout", f"no answer within {self.settings.timeout_s:g} s", tries[0], started) from None
@@ -263,14 +264,15 @@ class CloudClient:
             return (root[: -len("/v1")] if root.endswith("/v1") else root) + route[1:]
         return route
 
-    async def _tries(self, route: str, body: dict[str, Any], parse: Callable[[Any], T], tries: list[int]) -> T:
+    async def _tries(self, route: str, body: dict[str, Any], parse: Callable[[Any], T], tries: list[int],
+                     headers: dict[str, str] | None = None) -> T:
         httpx = httpx_module()
         s = self.settings
         for attempt in range(s.retries + 1):
             tries[0] = attempt + 1
             last = attempt == s.retries
             try:
-                response = await self._pool().post(self._url(route), json=body)
+                response = await self._pool().post(self._url(route), json=body, headers=headers)
             except httpx.HTTPError as exc:
                 if last:
                     raise CloudError("unreachable", f"{type(exc).__name__}: {exc}") from None

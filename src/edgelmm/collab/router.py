@@ -13,6 +13,12 @@ answers. Whatever goes wrong with the cloud (down, slow, refusing, breaker open)
 the edge's own answer, marked `edge_fallback` with the reason: never an error, never two
 answers. The time this can take is bounded by the cloud client's `timeout_s`.
 
+With mode `draft_verify` every answer is the cloud's own output, drafted by the edge a few tokens
+at a time and verified by the cloud (collab/speculative.py, collab/verify.py); with
+`escalate_by: draft_verify` an escalated request is answered that way, the edge's own answer
+verified as the first drafts. A cloud lost mid-answer leaves the agreed tokens, and the edge
+finishes alone (`edge_fallback`).
+
 What is not routed: token-id prompts (ids of the edge's tokenizer, which the cloud may not share)
 and prompt scoring (`prompt_logprobs`: the edge's scores were asked for) are answered by the edge.
 A cloud answer carries no log-probabilities (they would be the cloud's, over its own tokens).
@@ -109,7 +115,9 @@ class Router:
         total = sum(self.served.values())
         return (self.served[CLOUD] + self.served[DRAFT]) / total if total else 0.0
 
-    async def answer(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True) -> Routed:
+    async def answer(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True,
+                     on_token: Any = None) -> Routed:
+        """One request's answer. `on_token` (draft-verify only) is handed each token as it is settled."""
         started = time.perf_counter()
         if request.kind == "token_ids" or params.prompt_logprobs is not None:
             reason = "token-id prompt: edge only" if request.kind == "token_ids" else "prompt scoring: edge only"
@@ -117,13 +125,13 @@ class Router:
         elif self.policy.mode == "edge":
             routed = await self._edge_only(request, params, explicit_max_tokens, started, None)
         elif self.policy.mode == "draft_verify":
-            routed = await self._draft_verify(request, params, started)
+            routed = await self._draft_verify(request, params, started, on_token=on_token)
         elif not self.policy.runs_edge:
             routed = await self._cloud_first(request, params, explicit_max_tokens, started)
         elif self.policy.early_k and self.policy.mode == "route":
-            routed = await self._early(request, params, explicit_max_tokens, started)
+            routed = await self._early(request, params, explicit_max_tokens, started, on_token)
         else:
-            routed = await self._whole(request, params, explicit_max_tokens, started)
+            routed = await self._whole(request, params, explicit_max_tokens, started, on_token)
         self.served[routed.served_by] += 1
         self.metrics.observe(routed)
         return routed
@@ -146,7 +154,8 @@ class Router:
         return Routed(result, EDGE, None, done.queued_s + result.timings.e2e_s, None, time.perf_counter() - started,
                       result.counts.generated_tokens, 0, reason, done.texts, done.queued_s)
 
-    async def _whole(self, request: Request, params: SamplingParams, explicit: bool, started: float) -> Routed:
+    async def _whole(self, request: Request, params: SamplingParams, explicit: bool, started: float,
+                     on_token: Any = None) -> Routed:
         assert self.edge is not None
         done = await self.edge.complete(request, self.policy.edge_params(params), explicit, texts=params.wants_logprobs)
         edge_s = done.queued_s + done.result.timings.e2e_s
@@ -156,11 +165,12 @@ class Router:
             return Routed(edge, EDGE, confidence, edge_s, None, time.perf_counter() - started, edge.counts.generated_tokens,
                           0, None, done.texts, done.queued_s)
         if self.policy.verifies:
-            return await self._draft_verify(request, params, started, confidence, edge_s, edge.token_ids)
+            return await self._draft_verify(request, params, started, confidence, edge_s, edge.token_ids, on_token)
         return await self._ask_cloud(request, params, started, confidence, edge_s, edge.counts.generated_tokens,
                                      lambda: _ready(edge), done.texts)
 
-    async def _early(self, request: Request, params: SamplingParams, explicit: bool, started: float) -> Routed:
+    async def _early(self, request: Request, params: SamplingParams, explicit: bool, started: float,
+                     on_token: Any = None) -> Routed:
         """Decide after the edge's first early_k tokens (see the module doc)."""
         assert self.edge is not None and self.policy.early_k
         stream = self.edge.open_stream(request, self.policy.edge_params(params), explicit, texts=params.wants_logprobs)
@@ -193,7 +203,7 @@ class Router:
         if self.policy.verifies:
             stream.cancel()
             drafts = result.token_ids if result is not None else tokens
-            return await self._draft_verify(request, params, started, confidence, decided_s, drafts)
+            return await self._draft_verify(request, params, started, confidence, decided_s, drafts, on_token)
         rest = asyncio.ensure_future(_finish(stream, texts) if result is None else _ready(result))
 
         async def edge_answer() -> Result:
@@ -207,13 +217,14 @@ class Router:
 
     async def _draft_verify(self, request: Request, params: SamplingParams, started: float,
                             confidence: float | None = None, edge_s: float = 0.0, first_drafts: list[int] | None = None,
-                            ) -> Routed:
+                            on_token: Any = None) -> Routed:
         """The cloud's own output, drafted by the edge (starting from `first_drafts`, the edge's
         answer to an escalated request); the edge finishes alone if the cloud goes."""
         assert self.edge is not None and self.cloud is not None and self.protocol is not None
         drafter = Drafter(self.edge.backend)
         out = await speculate(request, params, drafter, verifier_for(self.protocol, self.cloud), self.length,
-                              run_edge=self.edge.call, failures=(CloudError,), first_drafts=first_drafts)
+                              run_edge=self.edge.call, failures=(CloudError,), first_drafts=first_drafts,
+                              on_token=on_token)
         if out.fallback is not None:
             self.metrics.failures.inc(1, "mid_answer")
         stats = out.stats

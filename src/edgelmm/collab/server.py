@@ -4,8 +4,9 @@ It is `edgelmm serve` — the same routes, limits, API key, error objects and me
 `RoutingEngine` in the place of the serve `Engine`: every generation request goes through the
 `Router`, and its answer carries an `edgelmm` extension field (`served_by`, `confidence`,
 `reason`, edge / cloud / total milliseconds, tokens each side) that the official `openai`
-client keeps in `model_extra`. A streamed answer is sent once the route is decided (the edge's
-whole answer, or the cloud's), with the extension field on its last chunk. `/metrics` adds the
+client keeps in `model_extra`. A streamed draft-verify answer is sent round by round as its
+tokens are settled; any other streamed answer once the route is decided (the edge's whole
+answer, or the cloud's); the extension field rides on the last chunk. `/metrics` adds the
 cloud share, cloud failures by reason and the breaker's state; `/health` adds the cloud's.
 """
 
@@ -34,11 +35,21 @@ def _items(routed: Routed) -> list[StreamItem]:
 
 
 class RoutedStream:
-    """What `Engine.open_stream` returns, for a routed answer: its items once the route is decided."""
+    """What `Engine.open_stream` returns, for a routed answer: a draft-verify answer's tokens as
+    each round settles them, any other answer whole once the route is decided; the last item
+    carries the result and the extension field."""
 
-    def __init__(self, work: asyncio.Future):
-        self._work, self._items = work, None
-        self._index = 0
+    def __init__(self, start: Any):
+        self._queue: asyncio.Queue[StreamItem | None] = asyncio.Queue()
+        self._streamed = False
+        self._tail: list[StreamItem] | None = None
+
+        def on_token(event: TokenEvent) -> None:
+            self._streamed = True
+            self._queue.put_nowait(StreamItem(event, {}))
+
+        self._work = asyncio.ensure_future(start(on_token))
+        self._work.add_done_callback(lambda _: self._queue.put_nowait(None))
 
     def cancel(self) -> None:
         self._work.cancel()
@@ -47,18 +58,21 @@ class RoutedStream:
         return self
 
     async def __anext__(self) -> StreamItem:
-        if self._items is None:
+        if self._tail is None:
+            item = await self._queue.get()
+            if item is not None:
+                return item
             try:
-                self._items = _items(await self._work)
+                routed = self._work.result()
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
-                self._items = []
+                self._tail = []
                 raise as_api_error(exc) from None
-        if self._index >= len(self._items):
+            self._tail = _items(routed)[-1:] if self._streamed else _items(routed)
+        if not self._tail:
             raise StopAsyncIteration
-        self._index += 1
-        return self._items[self._index - 1]
+        return self._tail.pop(0)
 
 
 class RoutingEngine:
@@ -88,7 +102,7 @@ class RoutingEngine:
         return Completion(routed.result, routed.queued_s, routed.texts, routed.info())
 
     def open_stream(self, request: Request, params: SamplingParams, explicit_max_tokens: bool = True) -> RoutedStream:
-        return RoutedStream(asyncio.ensure_future(self.router.answer(request, params, explicit_max_tokens)))
+        return RoutedStream(lambda on_token: self.router.answer(request, params, explicit_max_tokens, on_token))
 
     async def call(self, work: Any) -> Any:
         return await self.edge.call(work)
@@ -138,7 +152,7 @@ async def _prepared(policy: Policy, cloud: CloudClient | None, edge: Engine) -> 
         return list(edge.backend.tokenize(text, add_special_tokens=False))
 
     try:
-        return await prepare(policy, cloud, edge_ids)
+        return await prepare(policy, cloud, edge_ids, edge.backend)
     finally:
         if cloud is not None:
             await cloud.aclose()  # the server's event loop opens its own pool

@@ -154,7 +154,7 @@ class Session:
         async def edge_ids(text: str) -> list[int]:
             return list(await edge.call(lambda: edge.backend.tokenize(text, add_special_tokens=False)))
 
-        run, protocol, notice = await prepare(policy, cloud, edge_ids)
+        run, protocol, notice = await prepare(policy, cloud, edge_ids, edge.backend)
         if protocol is None:
             raise EdgelmmError(notice or "draft-verify cannot run with this cloud", "use another policy (route)")
         return Router(run, edge, cloud, protocol)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from edgelmm.backends.base import Counts, Detokenizer, Result, Timings
+from edgelmm.backends.base import Counts, Detokenizer, Result, Timings, TokenEvent
 from edgelmm.backends.kvstate import top_of
 from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError
@@ -281,11 +281,13 @@ class Speculated:
 
 async def speculate(request: Request, params: SamplingParams, drafter: Drafter, verifier: Verifier, length: DraftLength,
                     run_edge: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
-                    failures: tuple[type[BaseException], ...] = (), first_drafts: list[int] | None = None) -> Speculated:
+                    failures: tuple[type[BaseException], ...] = (), first_drafts: list[int] | None = None,
+                    on_token: Callable[[TokenEvent], None] | None = None) -> Speculated:
     """One answer by draft–verify (see the module doc). A verifier error of a type in `failures`
     (the cloud lost mid-answer) leaves the tokens agreed so far, and the edge finishes alone.
     `first_drafts` (greedy only): tokens the edge already has — its own answer to a request that
-    was escalated — verified as the first round's drafts instead of drafting anew."""
+    was escalated — verified as the first round's drafts instead of drafting anew. `on_token`
+    is handed each token as its round settles it (a stream), with the text it lets the user see."""
     run = run_edge or _inline
     t0 = time.perf_counter()
     stats = DraftStats(protocol=verifier.protocol)
@@ -305,7 +307,9 @@ async def speculate(request: Request, params: SamplingParams, drafter: Drafter, 
             agreed.append(token)
             scores.append(dist)
             stamps.append(now)
-            detok.push(token)
+            delta = detok.push(token)
+            if on_token is not None:
+                on_token(TokenEvent(token, delta, next((lp for t, lp in dist if t == token), None), now - t0))
             if token in drafter.end_tokens or detok.stopped is not None or len(agreed) >= params.max_new_tokens:
                 return True
         return False
@@ -348,8 +352,10 @@ async def speculate(request: Request, params: SamplingParams, drafter: Drafter, 
                 break
     finally:
         await verifier.close()
-    detok.flush()
+    tail = detok.flush()
     end = time.perf_counter()
+    if tail and on_token is not None:
+        on_token(TokenEvent(None, tail, None, end - t0))
     finish, reason = "length", None  # type: str, str | int | None
     if detok.stopped is not None:
         finish, reason = "stop", detok.stopped

@@ -13,6 +13,10 @@
   ride along only where the server takes them on /v1/completions (`edgelmm serve` does, with
   its `images` field; vLLM's OpenAI API does not).
 
+Every round carries `x-session-id: <the answer's session>`, so a load balancer in front of many
+replicas can keep an answer on one of them (vLLM's production-stack router:
+`--routing-logic session --session-key x-session-id`).
+
 `probe` asks the cloud once which it supports; a cloud with neither (llama.cpp's server echoes
 no prompt log-probabilities) is left to routing. Draft–verify also needs the edge and the cloud
 to share a tokenizer: `check_tokenizer` compares their ids on a probe text through the cloud's
@@ -35,6 +39,7 @@ from edgelmm.errors import EdgelmmError
 from edgelmm.request import Request
 
 NATIVE, GENERIC = "native", "generic"
+SESSION_HEADER = "x-session-id"
 PROBE_TEXT = "Draft and verify: 3 red circles, 12 blue squares; ok? (yes/no) \u00e9t\u00e9 \u4e2d\u6587"
 
 
@@ -81,7 +86,7 @@ class NativeVerifier(Verifier):
         else:
             keep = common_prefix(self.read, agreed)
             body.update(keep=keep, tokens=agreed[keep:] + drafts)
-        data = await self.cloud.call("/edgelmm/verify", body, lambda d: d)
+        data = await self.cloud.call("/edgelmm/verify", body, lambda d: d, {SESSION_HEADER: self.session})
         scores = [_dist(row) for row in data["scores"]]
         if len(scores) < len(drafts) + 1:
             raise CloudError("bad_response", f"the verify round answered {len(scores)} positions, {len(drafts) + 1} needed")
@@ -92,14 +97,16 @@ class NativeVerifier(Verifier):
         """Forget the session in the cloud, without waiting for it (an evicted one costs nothing)."""
         if self.read is not None:
             body = {"model": self.cloud.model, "session": self.session, "close": True}
-            asyncio.ensure_future(_quietly(self.cloud.call("/edgelmm/verify", body, lambda d: d)))
+            asyncio.ensure_future(_quietly(self.cloud.call("/edgelmm/verify", body, lambda d: d,
+                                                           {SESSION_HEADER: self.session})))
         self.read = None
 
 
 async def _quietly(call: Any) -> None:
+    """A best-effort call: the cloud evicts what it is not told to forget, so a failure costs nothing."""
     try:
         await call
-    except CloudError:
+    except Exception:  # noqa: BLE001  (a closed pool, a cloud gone: nothing to do about it)
         pass
 
 
@@ -122,8 +129,10 @@ class GenericVerifier(Verifier):
         self.cloud = cloud
         self.prompt: list[int] = []
         self.images: list[str] = []
+        self.session = ""
 
     async def open(self, request: Request) -> None:
+        self.session = f"dv-{uuid.uuid4().hex}"
         fields = _prompt_fields(request)
         self.images = fields.pop("images", [])
         if "prompt" in fields and isinstance(fields["prompt"], list):
@@ -132,7 +141,8 @@ class GenericVerifier(Verifier):
         body = {"model": self.cloud.model, **fields}
         if "prompt" in body:
             body["add_special_tokens"] = True
-        self.prompt = await self.cloud.call("//tokenize", body, lambda d: [int(t) for t in d["tokens"]])
+        self.prompt = await self.cloud.call("//tokenize", body, lambda d: [int(t) for t in d["tokens"]],
+                                            {SESSION_HEADER: self.session})
         if request.messages is not None:
             self.images = [p["image_url"]["url"] for m in fields["messages"] if isinstance(m["content"], list)
                            for p in m["content"] if p.get("type") == "image_url"]
@@ -143,7 +153,8 @@ class GenericVerifier(Verifier):
                                 "logprobs": top, "echo": True, "return_tokens_as_token_ids": True}
         if self.images:
             body["images"] = self.images
-        dists = await self.cloud.call("/completions", body, lambda d: _echoed(d, len(drafts) + 1))
+        dists = await self.cloud.call("/completions", body, lambda d: _echoed(d, len(drafts) + 1),
+                                      {SESSION_HEADER: self.session})
         return Verified(dists, len(sequence), 1)
 
 
@@ -188,19 +199,24 @@ def verifier_for(protocol: str, cloud: CloudClient) -> Verifier:
     raise EdgelmmError(f"unknown verify protocol '{protocol}'", f"use {NATIVE} or {GENERIC}")
 
 
-async def prepare(policy: Policy, cloud: CloudClient | None,
-                  edge_ids: Callable[[str], Awaitable[list[int]]]) -> tuple[Policy, str | None, str | None]:
+async def prepare(policy: Policy, cloud: CloudClient | None, edge_ids: Callable[[str], Awaitable[list[int]]],
+                  edge_backend: Any = None) -> tuple[Policy, str | None, str | None]:
     """(the policy to run, the verify protocol, a line for the user) for a policy that verifies
     (mode draft_verify, or escalate_by draft_verify): the protocol the policy names or the probe
-    finds, and the tokenizers compared (`edge_ids` tokenizes a text as the edge does). Where
+    finds, the edge's backend able to draft, and the tokenizers compared (`edge_ids` tokenizes a
+    text as the edge does). Where
     draft-verify cannot run, the policy routes instead (escalated requests are completed by the
     cloud) and the line says why; other policies pass through."""
     if not policy.verifies:
         return policy, None, None
     if cloud is None:
         raise EdgelmmError("policy draft_verify needs a cloud", "give --cloud URL")
-    if policy.protocol != "auto":
-        protocol: str | None = policy.protocol
+    if edge_backend is not None and not hasattr(edge_backend, "kv_runner"):
+        protocol: str | None = None
+        notice = (f"draft-verify is off: the edge's {edge_backend.name} backend keeps no KV state to draft from "
+                  "(use --edge-backend torch); routing only")
+    elif policy.protocol != "auto":
+        protocol = policy.protocol
         notice = f"draft-verify: the {policy.protocol} protocol, as the policy says"
     else:
         protocol, notice = await probe(cloud)

@@ -198,21 +198,21 @@ class Engine:
             first = self._jobs.popleft()
             batch = [first]
             if first.group is not None:
-                key, kept = first.group[0], collections.deque()
-                while self._jobs and len(batch) < self.max_batch_size:
-                    job = self._jobs.popleft()
-                    if not job.cancelled:
-                        (batch if job.group is not None and job.group[0] == key else kept).append(job)
-                self._jobs.extendleft(reversed(kept))
+                group = first.group[0]
+                self._gather(batch, lambda job: job.group is not None and job.group[0] == group)
             elif first.batchable:
-                key, kept = first.batch_key(), collections.deque()
-                while self._jobs and len(batch) < self.max_batch_size:
-                    job = self._jobs.popleft()
-                    if job.cancelled:
-                        continue
-                    (batch if job.batchable and job.batch_key() == key else kept).append(job)
-                self._jobs.extendleft(reversed(kept))
+                key = first.batch_key()
+                self._gather(batch, lambda job: job.batchable and job.batch_key() == key)
             return batch
+
+    def _gather(self, batch: list[_Job], joins: Callable[[_Job], bool]) -> None:
+        """Move waiting live jobs that `joins` accepts into `batch` (up to max_batch_size); the others keep their place."""
+        kept: collections.deque[_Job] = collections.deque()
+        while self._jobs and len(batch) < self.max_batch_size:
+            job = self._jobs.popleft()
+            if not job.cancelled:
+                (batch if joins(job) else kept).append(job)
+        self._jobs.extendleft(reversed(kept))
 
     def _loop(self) -> None:
         while (batch := self._next()) is not None:

@@ -1,0 +1,268 @@
+"""Draft-verify on the demo pair (shapes-vlm-xs drafting, shapes-vlm-l verifying), CPU, loopback.
+
+    python benchmarks/collab/draft_verify.py --out benchmarks/collab/results/draft-verify-cpu.json
+
+1. Lossless, through the product path: the same captions and questions to `edgelmm serve CLOUD`
+   (cloud-only greedy) and to `edgelmm collab serve --policy draft-verify` with the native and
+   the generic protocol; token ids compared; each answer's draft statistics (its `edgelmm`
+   field) summed: cloud forward passes per generated token, tokens the cloud read per round;
+   the cloud's session hits and misses from its /metrics.
+2. Latency over injected RTTs (0 / 20 / 80 ms): streamed answers, one request at a time,
+   alternating, fresh captions, after a warm-up: the cloud alone (straight to `edgelmm serve`,
+   the round trip injected by the client-side transport that `collab serve --rtt-ms` uses), and
+   `collab serve --rtt-ms R` with draft-verify (adaptive draft length, streamed round by round)
+   and with the edge alone. Time to first token and to the last, as the client sees them.
+3. Cloud capacity under 16 concurrent edge clients: each simulated client replays, against the
+   cloud's verify route, the exact rounds a real drafter sent for a caption (recorded first, in
+   this process, through NativeVerifier; greedy, so they are the rounds a live client sends; the
+   clients' own drafting time is left out, as it is spent on other devices), against 16 clients
+   asking the same cloud for the same captions by plain chat completions (batched by its
+   engine). Output tokens per second served by the cloud, and latency per output token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from faults import CLOUD, EDGE, image_url, start  # noqa: E402
+
+from edgelmm import ModelSpec, Request, SamplingParams  # noqa: E402
+from edgelmm.backends.registry import load  # noqa: E402
+from edgelmm.bench.metrics import percentile  # noqa: E402
+from edgelmm.collab.client import CloudClient, CloudSettings, faulty_transport  # noqa: E402
+from edgelmm.collab.speculative import Drafter, DraftLength, speculate  # noqa: E402
+from edgelmm.collab.verify import NativeVerifier  # noqa: E402
+from edgelmm.demo.shapes import generate  # noqa: E402
+from edgelmm.serve.server import free_port  # noqa: E402
+
+MAX_TOKENS = 64
+
+
+def body(sample, model: str, stream: bool = False) -> dict:
+    return {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream, "return_token_ids": True,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(sample.image)}},
+                                                      {"type": "text", "text": sample.question}]}]}
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def lossless(ports: dict[str, int], samples: dict[str, list]) -> dict:
+    client = httpx.Client(timeout=120)
+    out: dict = {}
+    for task, items in samples.items():
+        for protocol in ("native", "generic"):
+            same, passes, tokens, rounds, processed, budget, per_round = 0, 0, 0, 0, 0, 0, []
+            diffs = []
+            for s in items:
+                cloud = client.post(f"http://127.0.0.1:{ports['cloud']}/v1/chat/completions", json=body(s, CLOUD)).json()
+                ours = client.post(f"http://127.0.0.1:{ports[protocol]}/v1/chat/completions", json=body(s, EDGE)).json()
+                ref, got = cloud["choices"][0]["token_ids"], ours["choices"][0]["token_ids"]
+                stats = ours["edgelmm"]["draft_verify"]
+                same += ref == got
+                if ref != got:
+                    diffs.append({"question": s.question, "cloud": cloud["choices"][0]["message"]["content"],
+                                  "draft_verify": ours["choices"][0]["message"]["content"]})
+                passes += stats["cloud_forward_passes"]
+                tokens += len(got)
+                rounds += stats["rounds"]
+                processed += stats["cloud_tokens_processed"]
+                budget += sum(k + 1 for k in stats["draft_lengths"])
+                per_round.append(stats["cloud_tokens_processed"] / stats["rounds"])
+            out[f"{task}/{protocol}"] = {
+                "prompts": len(items), "identical_to_cloud_greedy": same, "differences": diffs,
+                "cloud_forward_passes_per_token": passes / tokens, "generated_tokens": tokens, "rounds": rounds,
+                "cloud_tokens_read_per_round": processed / rounds, "draft_length_plus_one_per_round": budget / rounds,
+                "max_request_tokens_read_per_round": max(per_round)}
+    metrics = client.get(f"http://127.0.0.1:{ports['cloud']}/metrics").text
+    hits, misses = metric(metrics, "edgelmm_verify_session_hits_total"), metric(metrics, "edgelmm_verify_session_misses_total")
+    out["cloud_sessions"] = {"hits": hits, "misses": misses, "opened": metric(metrics, "edgelmm_verify_sessions_opened_total"),
+                             "evicted": metric(metrics, "edgelmm_verify_sessions_evicted_total"),
+                             "hit_rate": hits / (hits + misses) if hits + misses else None}
+    return out
+
+
+async def _streamed(client: httpx.AsyncClient, url: str, data: dict) -> dict:
+    """One streamed chat answer: time to the first content, to the end, and its tokens."""
+    started, first, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", url, json={**data, "stream": True, "stream_options": {"include_usage": True}}) as answer:
+        async for line in answer.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content") and first is None:
+                    first = time.perf_counter() - started
+    total = time.perf_counter() - started
+    return {"ttft_ms": 1000 * (first or total), "total_ms": 1000 * total, "tokens": tokens,
+            "ms_per_token": 1000 * total / max(tokens, 1)}
+
+
+async def rtt_sweep(cloud_port: int, rtts: list[float], samples: list, warmup: list) -> dict:
+    """Streamed answers, one at a time, alternating: the cloud alone (straight to the cloud, the
+    round trip injected by the same client-side transport `collab serve --rtt-ms` uses), and
+    `collab serve` with draft-verify (streamed round by round) and with the edge alone."""
+    out: dict = {}
+    cloud_url = f"http://127.0.0.1:{cloud_port}/v1"
+    for rtt in rtts:
+        servers = {}
+        for policy in ("draft-verify", "edge"):
+            port = free_port()
+            servers[policy] = (port, start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud", cloud_url,
+                                            "--policy", policy, "--rtt-ms", str(rtt)], port))
+        wan = httpx.AsyncClient(timeout=120, transport=faulty_transport(CloudSettings(cloud_url, rtt_ms=rtt)))
+        local = httpx.AsyncClient(timeout=120)
+        targets = {"cloud": (wan, cloud_url + "/chat/completions", CLOUD),
+                   **{p: (local, f"http://127.0.0.1:{port}/v1/chat/completions", EDGE) for p, (port, _) in servers.items()}}
+        try:
+            rows: dict[str, list[dict]] = {p: [] for p in targets}
+            for phase, items in (("warmup", warmup), ("timed", samples)):
+                for i, s in enumerate(items):
+                    for name in (list(targets) if i % 2 == 0 else list(reversed(targets))):
+                        client, url, model = targets[name]
+                        row = await _streamed(client, url, body(s, model))
+                        if phase == "timed":
+                            rows[name].append(row)
+        finally:
+            await wan.aclose()
+            await local.aclose()
+            for _, proc in servers.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+        here = {p: {k: statistics.median(r[k] for r in rs) for k in ("ttft_ms", "total_ms", "ms_per_token")}
+                for p, rs in rows.items()}
+        here["draft_verify_over_cloud_total"] = here["draft-verify"]["total_ms"] / here["cloud"]["total_ms"]
+        here["draft_verify_over_cloud_ttft"] = here["draft-verify"]["ttft_ms"] / here["cloud"]["ttft_ms"]
+        out[f"{rtt:g}"] = here
+        print(json.dumps({f"rtt {rtt:g}": here}), flush=True)
+    return out
+
+
+async def record_rounds(cloud_port: int, samples: list) -> list[dict]:
+    """Each caption's verify rounds as a live drafter sends them (bodies and the answer's length)."""
+    edge = load(ModelSpec(path=EDGE, device="cpu"))
+    recorded = []
+    async with CloudClient(CloudSettings(f"http://127.0.0.1:{cloud_port}/v1", timeout_s=60)) as cloud:
+        for s in samples:
+            bodies: list[dict] = []
+            call = cloud.call
+
+            async def recording(route, data, parse, headers=None, *, call=call, bodies=bodies):
+                if route == "/edgelmm/verify" and not data.get("close"):
+                    bodies.append(json.loads(json.dumps(data)))
+                return await call(route, data, parse, headers)
+
+            cloud.call = recording  # type: ignore[method-assign]
+            request = Request.chat(s.question, images=[s.image])
+            out = await speculate(request, SamplingParams(max_new_tokens=MAX_TOKENS, temperature=0), Drafter(edge),
+                                  NativeVerifier(cloud), DraftLength())
+            cloud.call = call  # type: ignore[method-assign]
+            recorded.append({"rounds": bodies, "tokens": len(out.result.token_ids)})
+    edge.close()
+    return recorded
+
+
+async def capacity(cloud_port: int, samples: list, recorded: list[dict], clients: int) -> dict:
+    url = f"http://127.0.0.1:{cloud_port}/v1"
+    results = {}
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients)) as http:
+        async def replay(job: dict) -> tuple[float, int]:
+            session = f"cap-{uuid.uuid4().hex}"
+            started = time.perf_counter()
+            for round_ in job["rounds"]:
+                answer = await http.post(url + "/edgelmm/verify", json={**round_, "session": session})
+                answer.raise_for_status()
+            await http.post(url + "/edgelmm/verify", json={"session": session, "close": True})
+            return time.perf_counter() - started, job["tokens"]
+
+        async def complete(sample) -> tuple[float, int]:
+            started = time.perf_counter()
+            answer = (await http.post(url + "/chat/completions", json=body(sample, CLOUD))).json()
+            return time.perf_counter() - started, len(answer["choices"][0]["token_ids"])
+
+        for name, work in (("cloud_only", lambda: [complete(s) for s in samples]),
+                           ("draft_verify", lambda: [replay(j) for j in recorded]),
+                           ("cloud_only_again", lambda: [complete(s) for s in samples]),
+                           ("draft_verify_again", lambda: [replay(j) for j in recorded])):
+            gate = asyncio.Semaphore(clients)
+
+            async def gated(job, gate=gate):
+                async with gate:
+                    return await job
+
+            started = time.perf_counter()
+            done = await asyncio.gather(*(gated(j) for j in work()))
+            wall = time.perf_counter() - started
+            tokens = sum(t for _, t in done)
+            results[name] = {"requests": len(done), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                             "p50_ms_per_token": statistics.median(1000 * s / max(t, 1) for s, t in done),
+                             "p90_ms_per_token": percentile([1000 * s / max(t, 1) for s, t in done], 90)}
+            print(json.dumps({name: results[name]}), flush=True)
+    best = {k: max(results[k]["tokens_per_s"], results[k + "_again"]["tokens_per_s"]) for k in ("cloud_only", "draft_verify")}
+    results["throughput_ratio"] = best["draft_verify"] / best["cloud_only"]
+    results["clients"] = clients
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=100, help="per task (captions and questions)")
+    parser.add_argument("--rtt-samples", type=int, default=40)
+    parser.add_argument("--capacity-samples", type=int, default=96)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rtts", default="0,20,80")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    ports = {"cloud": free_port(), "native": free_port(), "generic": free_port()}
+    policy = Path(tempfile.mkdtemp()) / "generic.yaml"
+    policy.write_text("mode: draft_verify\nprotocol: generic\n")
+    cloud = start(["serve", CLOUD, "--device", "cpu", "--max-batch-size", str(args.clients)], ports["cloud"])
+    procs = [cloud]
+    report: dict = {"machine": f"{os.cpu_count()} CPUs", "edge": EDGE, "cloud": CLOUD, "max_tokens": MAX_TOKENS}
+    try:
+        procs.append(start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud",
+                            f"http://127.0.0.1:{ports['cloud']}/v1", "--policy", "draft-verify"], ports["native"]))
+        procs.append(start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud",
+                            f"http://127.0.0.1:{ports['cloud']}/v1", "--policy", str(policy)], ports["generic"]))
+        samples = {"captions": generate(args.prompts, seed=31, task="caption"), "vqa": generate(args.prompts, seed=32)}
+        report["lossless"] = lossless(ports, samples)
+        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "differences"} if isinstance(v, dict) else v
+                          for k, v in report["lossless"].items()}, indent=1), flush=True)
+        for proc in procs[1:]:
+            proc.terminate()
+            proc.wait(timeout=30)
+        procs = [cloud]
+        report["rtt_sweep"] = asyncio.run(rtt_sweep(ports["cloud"], [float(r) for r in args.rtts.split(",")],
+                                                    generate(args.rtt_samples, seed=33, task="caption"),
+                                                    generate(5, seed=34, task="caption")))
+        caps = generate(args.capacity_samples, seed=35, task="caption")
+        recorded = asyncio.run(record_rounds(ports["cloud"], caps))
+        report["capacity"] = asyncio.run(capacity(ports["cloud"], caps, recorded, args.clients))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({"capacity_ratio": report["capacity"]["throughput_ratio"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
