@@ -20,18 +20,18 @@ turn-1 TTFT beside it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from faults import CLOUD, EDGE, image_url, start  # noqa: E402
+from faults import CLOUD, EDGE, image_url, start, streamed  # noqa: E402
 
 from edgelmm import ModelSpec, Request, SamplingParams  # noqa: E402
 from edgelmm.backends.registry import load  # noqa: E402
@@ -83,7 +83,7 @@ def cloud(samples, warmup) -> dict:
     ports = {"cached": free_port(), "plain": free_port()}
     procs = [start(["serve", CLOUD, "--device", "cpu", "--option", "prefix_cache_mb=256"], ports["cached"]),
              start(["serve", CLOUD, "--device", "cpu"], ports["plain"])]
-    client = httpx.Client(timeout=120)
+    client = httpx.AsyncClient(timeout=120)
 
     def ask(port: int, messages: list[dict]) -> tuple[float, str, int]:
         wire = []
@@ -93,22 +93,11 @@ def cloud(samples, warmup) -> dict:
                 content = [{"type": "image_url", "image_url": {"url": image_url(p["image"])}} if p["type"] == "image" else p
                            for p in content]
             wire.append({"role": m["role"], "content": content})
-        body = {"model": CLOUD, "messages": wire, "max_tokens": 16, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
-        started, first, text, prompt = time.perf_counter(), None, "", 0
-        with client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as response:
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    prompt = chunk["usage"]["prompt_tokens"]
-                for choice in chunk.get("choices", []):
-                    if choice["delta"].get("content") and first is None:
-                        first = time.perf_counter() - started
-                    text += choice["delta"].get("content") or ""
-        return 1000 * (first or time.perf_counter() - started), text, prompt
+        body = {"model": CLOUD, "messages": wire, "max_tokens": 16, "temperature": 0}
+        got = loop.run_until_complete(streamed(client, f"http://127.0.0.1:{port}/v1/chat/completions", body))
+        return got["ttft_ms"], got["text"], got["prompt_tokens"]
 
+    loop = asyncio.new_event_loop()
     rows = []
     try:
         for phase, items in (("warmup", warmup), ("timed", samples)):
@@ -125,6 +114,8 @@ def cloud(samples, warmup) -> dict:
                                  "turn2_prompt_tokens": got["plain"][4],
                                  "same_answers": got["cached"][2:4] == got["plain"][2:4]})
     finally:
+        loop.run_until_complete(client.aclose())
+        loop.close()
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)

@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from faults import CLOUD, EDGE, image_url, start  # noqa: E402
+from faults import CLOUD, EDGE, image_url, start, streamed  # noqa: E402
 
 from edgelmm import ModelSpec, Request, SamplingParams  # noqa: E402
 from edgelmm.backends.registry import load  # noqa: E402
@@ -97,24 +97,6 @@ def lossless(ports: dict[str, int], samples: dict[str, list]) -> dict:
     return out
 
 
-async def _streamed(client: httpx.AsyncClient, url: str, data: dict) -> dict:
-    """One streamed chat answer: time to the first content, to the end, and its tokens."""
-    started, first, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", url, json={**data, "stream": True, "stream_options": {"include_usage": True}}) as answer:
-        async for line in answer.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if choice["delta"].get("content") and first is None:
-                    first = time.perf_counter() - started
-    total = time.perf_counter() - started
-    return {"ttft_ms": 1000 * (first or total), "total_ms": 1000 * total, "tokens": tokens,
-            "ms_per_token": 1000 * total / max(tokens, 1)}
-
-
 async def rtt_sweep(cloud_port: int, rtts: list[float], samples: list, warmup: list) -> dict:
     """Streamed answers, one at a time, alternating: the cloud alone (straight to the cloud, the
     round trip injected by the same client-side transport `collab serve --rtt-ms` uses), and
@@ -137,7 +119,7 @@ async def rtt_sweep(cloud_port: int, rtts: list[float], samples: list, warmup: l
                 for i, s in enumerate(items):
                     for name in (list(targets) if i % 2 == 0 else list(reversed(targets))):
                         client, url, model = targets[name]
-                        row = await _streamed(client, url, body(s, model))
+                        row = await streamed(client, url, body(s, model))
                         if phase == "timed":
                             rows[name].append(row)
         finally:

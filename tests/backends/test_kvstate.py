@@ -8,14 +8,6 @@ from edgelmm import EdgelmmError, ModelSpec, Request, load
 from tests.tiny_models import make_image, save_tiny
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2"])
-def backend(request, tmp_path_factory):
-    path = save_tiny(request.param, tmp_path_factory.mktemp(request.param) / "model")
-    engine = load(ModelSpec(path=str(path), device="cpu"))
-    yield engine
-    engine.close()
-
-
 def ask(backend, text="What color is the circle?"):
     return Request.chat(text, images=[make_image()] if backend.adapter.multimodal else [])
 

@@ -5,19 +5,11 @@ streams that agree with whole answers."""
 import pytest
 import torch
 
-from edgelmm import EdgelmmError, ModelSpec, Request, SamplingParams, load
+from edgelmm import EdgelmmError, Request, SamplingParams, load
 from edgelmm.errors import RequestError
 from tests.tiny_models import make_image, save_tiny
 
 GREEDY = SamplingParams(max_new_tokens=6)
-
-
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2"])
-def backend(request, tmp_path_factory):
-    path = save_tiny(request.param, tmp_path_factory.mktemp(request.param) / "model")
-    engine = load(ModelSpec(path=str(path), device="cpu"))
-    yield engine
-    engine.close()
 
 
 def ask(backend, prompt="What color is the circle?", n_images=1, seed=0):
