@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from transformers import Cache
 
-from edgelmm.backends.prefix_cache import cached_forward
+from edgelmm.backends.prefix_cache import cached_forward, output_cache
 from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError
 from edgelmm.methods.pruning import pruning_of
@@ -288,7 +288,7 @@ class StaticDecoder:
             out, self.last_cached = cached_forward(self.model, self.adapter, inputs, prefix, images, logits_to_keep=1)
         finally:
             hook.remove()
-        cache = next(out[k] for k in ("cache", "past_key_values") if k in out and out[k] is not None)
+        cache = output_cache(out)
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
         ids = inputs["input_ids"]

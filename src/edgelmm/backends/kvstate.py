@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from edgelmm.backends.prefix_cache import cached_forward
+from edgelmm.backends.prefix_cache import cached_forward, output_cache
 from edgelmm.errors import EdgelmmError
 
 
@@ -101,7 +101,7 @@ class KVRunner:
         finally:
             hook.remove()
         ids = inputs["input_ids"][0].tolist()
-        cache = next(out[k] for k in ("cache", "past_key_values") if k in out and out[k] is not None)
+        cache = output_cache(out)
         if cache.get_seq_length() != len(ids):
             raise EdgelmmError(f"{backend.spec.display_name}: its prefill keeps {cache.get_seq_length()} of "
                                f"{len(ids)} prompt tokens (visual-token pruning), and a kept KV state needs them all",

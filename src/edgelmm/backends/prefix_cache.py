@@ -222,6 +222,11 @@ class PrefixCache:
         return len(tree)
 
 
+def output_cache(out: Any) -> Any:
+    """The KV cache a model's forward returned (transformers names it `cache` or `past_key_values`)."""
+    return next(out[k] for k in ("cache", "past_key_values") if k in out and out[k] is not None)
+
+
 def mrope(text_config: Any) -> bool:
     """Whether a model's positions are M-RoPE's (3-D, laid out from the whole prompt's images)."""
     for name in ("rope_parameters", "rope_scaling"):
@@ -258,7 +263,7 @@ def cached_forward(model: Any, adapter: Any, inputs: dict[str, Any], prefix: Pre
             elif not images_cached:  # pixel values and their sizes: the images are still to be read
                 rest[key] = value
         out = model(**rest, use_cache=True, cache=hit.cache(), **kwargs)
-    cache = next(out[k] for k in ("cache", "past_key_values") if k in out and out[k] is not None)
+    cache = output_cache(out)
     if cache.get_seq_length() == length:  # not under a pruning method that dropped tokens
         prefix.insert(keys, cache)
     return out, hit.tokens

@@ -204,6 +204,11 @@ def _request(**kwargs: Any) -> Request:
         raise ApiError(400, str(exc)) from None
 
 
+def _prompt_request(prompt: str | list[int], images: list[Any]) -> Request:
+    """A raw prompt (text, or token ids used as given) with the images it holds."""
+    return _request(text=prompt, images=images) if isinstance(prompt, str) else _request(token_ids=prompt, images=images)
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -366,7 +371,7 @@ async def completions(request: HttpRequest) -> Response:
     prompt_logprobs = (body.logprobs or 0) if body.echo else None  # echo shows the prompt as the model read it
     params = _sampling(state, body, body.max_tokens, body.logprobs is not None, body.logprobs or 0, prompt_logprobs)
     images = await _images(state, body.images) if body.images else []
-    requests = [_request(text=p, images=images) if isinstance(p, str) else _request(token_ids=p, images=images) for p in prompts]
+    requests = [_prompt_request(p, images) for p in prompts]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
 
     def choice(index: int, done: Completion | None, prompt: str | list[int], text: str = "",
@@ -486,8 +491,7 @@ async def verify(request: HttpRequest) -> dict[str, Any]:
         opening = await _chat_request(state, body.messages)
     elif body.prompt is not None:
         images = await _images(state, body.images) if body.images else []
-        opening = (_request(text=body.prompt, images=images) if isinstance(body.prompt, str)
-                   else _request(token_ids=body.prompt, images=images))
+        opening = _prompt_request(body.prompt, images)
     job = Round(body.session, opening, body.keep, body.tokens, body.top_logprobs)
     return await _unless_gone(request, state.engine.call_grouped("verify", sessions.run, job))
 
