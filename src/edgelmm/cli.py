@@ -339,6 +339,8 @@ def _collab_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        return _export_onnx(args)
     from edgelmm.export.gguf import check_output, export_gguf
     from edgelmm.export.mmproj import export_mmproj
 
@@ -358,6 +360,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.mmproj:
         print(f"wrote {projector.path} (vision tower and projector, {projector.outtype}, {projector.tensors} tensors, "
               f"{projector.bytes / 1e6:.1f} MB)")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from edgelmm.export.onnx import export_onnx, parse_lens, parse_size
+
+    done = export_onnx(args.model, args.out, parse_lens(args.prefill_lens), args.max_kv, args.embedding_as_input,
+                       parse_size(args.image_size), args.dtype, args.weights, args.text_only, args.overwrite)
+    m = done.manifest
+    parts = ["language model"] + (["embedding table" if "table" in (m["embedding"] or {}) else "embedding"] if m["embedding"] else [])
+    if m["vision"]:
+        parts.append("vision at {}x{}".format(*m["vision"]["image_size"]))
+    print(f"wrote {done.path} ({', '.join(parts)}; {m['dtype']}, weights {m['weights']}, prefill {m['prefill_lens']}, "
+          f"max KV {m['max_kv']}, {done.bytes / 1e6:.1f} MB)")
     return 0
 
 
@@ -509,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve": (cmd_serve, "OpenAI-compatible HTTP server over an in-process backend"),
         "collab": (cmd_collab, "edge-cloud collaboration: serve, run, calibrate, ablate"),
         "chat": (cmd_chat, "an interactive terminal chat with the edge, asking the cloud when unsure"),
-        "export": (cmd_export, "export a model to another engine's format (gguf)"),
+        "export": (cmd_export, "export a model to another engine's format (gguf, onnx)"),
         "quantize": (cmd_quantize, "quantize a model's weights (RTN or AWQ) and save a compressed-tensors checkpoint"),
         "convert": (cmd_convert, "rewrite a quantized checkpoint in AutoAWQ's GEMM layout (LMDeploy, vLLM awq)"),
         "quant-eval": (cmd_quant_eval, "float and quantized models side by side: accuracy, perplexity, memory, speed"),
@@ -534,8 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch", type=int, default=1)
             p.add_argument("--json", action="store_true")
         elif name == "serve":
-            p.add_argument("model", help="bundled name, checkpoint dir, or a .gguf file with --backend llamacpp")
-            p.add_argument("--backend", default="torch", help="in-process engine: torch, llamacpp, vllm, lmdeploy")
+            p.add_argument("model", help="bundled name, checkpoint dir, a .gguf file with --backend llamacpp, or an ONNX export dir with --backend onnx")
+            p.add_argument("--backend", default="torch", help="in-process engine: torch, llamacpp, onnx, vllm, lmdeploy")
             p.add_argument("--method", action="append", help="method applied at load, e.g. 'fastv(k=2,keep=0.25)' (repeatable)")
             p.add_argument("--option", action="append", help="engine option KEY=VALUE, e.g. logits_all=true (repeatable)")
             p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -559,6 +575,21 @@ def build_parser() -> argparse.ArgumentParser:
             gguf.add_argument("--mmproj", metavar="FILE.gguf",
                               help="also write the vision tower and projector (LLaVA) as llama.cpp's multimodal projector")
             gguf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+            onnx = formats.add_parser("onnx", help="language model (KV cache in/out) and vision encoder as ONNX graphs, "
+                                      "for onnxruntime and ahead-of-time compilers")
+            onnx.add_argument("model", help="bundled name or checkpoint dir (float, or W4A16 from edgelmm quantize)")
+            onnx.add_argument("out", help="output directory")
+            onnx.add_argument("--prefill-lens", default="1,8,96", help="prefill lengths to build profiles for (comma-separated)")
+            onnx.add_argument("--max-kv", type=int, help="most cached tokens, prompt and answer (default: the model's context, at most 4096)")
+            onnx.add_argument("--embedding-as-input", action="store_true",
+                              help="the language model takes inputs_embeds; the embedding table is written beside it")
+            onnx.add_argument("--image-size", metavar="WxH", help="the vision encoder's fixed input size (default: the model's)")
+            onnx.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="activations and float weights")
+            onnx.add_argument("--weights", choices=["int4", "16bit"],
+                              help="int4: a W4A16 checkpoint's integers as MatMulNBits (its default); 16bit: float weights of --dtype")
+            onnx.add_argument("--text-only", action="store_true", help="a VLM's language model alone")
+            onnx.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+            onnx.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         elif name == "quantize":
             p.add_argument("model", help="bundled name or float checkpoint dir")
             p.add_argument("--method", choices=["rtn", "awq"], default="awq")

@@ -184,6 +184,7 @@ BACKENDS: Registry[Any] = Registry("backend", {
     "torch": "edgelmm.backends.torch_backend:TorchBackend",
     "openai": "edgelmm.backends.openai_backend:OpenAIBackend",
     "llamacpp": "edgelmm.backends.llamacpp_backend:LlamaCppBackend",
+    "onnx": "edgelmm.backends.onnx_backend:OnnxBackend",
     "vllm": "edgelmm.backends.vllm_backend:VLLMBackend",
     "lmdeploy": "edgelmm.backends.lmdeploy_backend:LMDeployBackend",
 })

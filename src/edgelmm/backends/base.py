@@ -25,7 +25,7 @@ from edgelmm.errors import EdgelmmError, RequestError
 from edgelmm.request import Request
 
 __all__ = [
-    "Backend", "Counts", "Detokenizer", "Request", "Result", "Timings", "TokenEvent", "TokenScore", "check_context",
+    "AdapterTokens", "Backend", "Counts", "Detokenizer", "Request", "Result", "Timings", "TokenEvent", "TokenScore", "check_context",
 ]
 
 
@@ -174,6 +174,43 @@ def check_context(prompt_tokens: int, params: SamplingParams, max_context: int |
             f"{params.max_new_tokens} more were asked for",
             "shorten the prompt or lower max_new_tokens", code="context_length_exceeded",
         )
+
+
+class AdapterTokens:
+    """Token-level access through a model adapter's tokenizer and chat template, for backends that
+    build their inputs with the family's own processor (torch, onnx). `_check` refuses before load."""
+
+    adapter: Any
+    processor: Any
+
+    def _check(self) -> None:
+        if self.adapter is None:
+            raise EdgelmmError(f"the {getattr(self, 'name', '')} backend has no model loaded", "call load(spec) first")
+
+    def prompt_token_ids(self, request: Request) -> list[int]:
+        self._check()
+        return list(self.adapter.prompt_ids(request))
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        self._check()
+        return list(self.adapter.token_texts(token_ids))
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self._check()
+        return list(self.adapter.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        self._check()
+        self.adapter.check_token_ids(token_ids)
+        return str(self.adapter.tokenizer.decode(token_ids, skip_special_tokens=False))
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        self._check()
+        tokenizer = self.adapter.tokenizer
+        template = getattr(self.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+        return {"tokenizer_class": type(tokenizer).__name__, "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "chat_template": template,
+                "model_max_length": getattr(self, "max_context", None)}
 
 
 class Backend(ABC):

@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result, Timings, TokenEvent, TokenScore, check_context
+from edgelmm.backends.base import Backend, Detokenizer, Request, Result, TokenEvent, TokenScore, check_context
 from edgelmm.backends.cache_keys import prompt_keys
 from edgelmm.backends.engines import engine_options, no_methods
+from edgelmm.backends.sampling import Decoded, decode_tokens, finish_stream, prompt_scores
 from edgelmm.config import ModelSpec, SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError, RequestError
 
@@ -74,11 +75,6 @@ def _fields(path: Path) -> dict[str, Any]:
     if f"{arch}.context_length" in fields:
         found["context_length"] = int(fields[f"{arch}.context_length"].contents())
     return found
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max()
-    return shifted - np.log(np.exp(shifted).sum())
 
 
 def _image_key(key: tuple[str, int]) -> int:
@@ -128,21 +124,6 @@ def _chunk_tokens(mtmd: Any, chunk: Any) -> list[int]:
     count = ctypes.c_size_t(0)
     pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
     return [pointer[j] for j in range(count.value)]
-
-
-def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; else temperature, then top-k, then top-p (nucleus), then a draw."""
-    if params.greedy:
-        return int(np.argmax(logits))
-    logprobs = _log_softmax(logits.astype(np.float64) / params.temperature)
-    order = np.argsort(-logprobs)
-    if params.top_k:
-        order = order[: params.top_k]
-    probs = np.exp(logprobs[order])
-    if params.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(probs), params.top_p * probs.sum())) + 1
-        order, probs = order[:keep], probs[:keep]
-    return int(rng.choice(order, p=probs / probs.sum()))
 
 
 class LlamaCppBackend(Backend):
@@ -348,12 +329,7 @@ class LlamaCppBackend(Backend):
         if not self.options["logits_all"]:
             raise RequestError("prompt log-probabilities with the llamacpp backend need every position's logits",
                                "load it with options: {logits_all: true}")
-        scores = [TokenScore(ids[0], None)]
-        for i, token in enumerate(ids[1:]):
-            logprobs = _log_softmax(self.llm.scores[i].astype(np.float64))
-            best = np.argsort(-logprobs)[:top] if top else []
-            scores.append(TokenScore(token, float(logprobs[token]), [(int(b), float(logprobs[b])) for b in best]))
-        return scores
+        return prompt_scores(ids, self.llm.scores[: len(ids) - 1], top)
 
     # ------------------------------------------------------------ images
     @contextmanager
@@ -493,53 +469,20 @@ class LlamaCppBackend(Backend):
         from edgelmm.utils.memory import PeakMemory
 
         t0 = time.perf_counter()
-        rng = np.random.default_rng(params.seed if params.seed is not None else self.options["seed"])
         detok = Detokenizer(lambda ids: self.llm.detokenize(ids).decode("utf-8", errors="replace"), params.stop, self._eos)
-        ids: list[int] = []
-        logprobs: list[float] = []
-        tops: list[list[tuple[int, float]]] = []
-        stamps: list[float] = []
-        prompt_scores = None
-        finish, reason = "length", None
+        out = Decoded()
+        scores = None
+
+        def advance(token: int) -> np.ndarray:
+            self.llm.eval([token])
+            return self._last_logits()
+
         with PeakMemory("cpu") as peak:
             prompt, visual = self._evaluate_prompt(request, params)
             if params.prompt_logprobs is not None:
-                prompt_scores = self._prompt_scores(prompt, params.prompt_logprobs)
-            for _ in range(params.max_new_tokens):
-                logits = self._last_logits()
-                stamps.append(time.perf_counter())
-                token = pick(logits, params, rng)
-                ids.append(token)
-                logprob, top = None, None
-                if params.wants_logprobs:
-                    scores = _log_softmax(logits.astype(np.float64))
-                    logprob = float(scores[token])
-                    logprobs.append(logprob)
-                    if params.top_logprobs:
-                        top = [(int(b), float(scores[b])) for b in np.argsort(-scores)[: params.top_logprobs]]
-                        tops.append(top)
-                delta = detok.push(token)
-                yield TokenEvent(token, delta, logprob, stamps[-1] - t0, top)
-                if token in self._eos:
-                    finish, reason = "stop", token
-                    break
-                if detok.stopped is not None:
-                    finish, reason = "stop", detok.stopped
-                    break
-                if len(ids) < params.max_new_tokens:
-                    self.llm.eval([token])
-        tail = detok.flush()
-        if tail:
-            yield TokenEvent(None, tail, None, time.perf_counter() - t0)
-        end = time.perf_counter()
-        result = Result(
-            text=detok.final_text, token_ids=ids, logprobs=logprobs if params.wants_logprobs else None,
-            timings=Timings.from_stamps(t0, stamps[: max(len(ids), 1)], end),
-            counts=Counts(len(prompt), visual, len(ids)), peak_memory_bytes=peak.bytes, finish_reason=finish,
-            stop_reason=reason, top_logprobs=tops if params.top_logprobs else None,
-            prompt_token_ids=prompt, prompt_logprobs=prompt_scores,
-        )
-        yield TokenEvent(None, "", None, end - t0, result=result)
+                scores = self._prompt_scores(prompt, params.prompt_logprobs)
+            yield from decode_tokens(self._last_logits(), advance, params, self.options["seed"], detok, t0, out)
+        yield from finish_stream(out, detok, params, t0, prompt, visual, peak.bytes, scores)
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Result]:
         """One request after another: llama-cpp-python runs one sequence per context."""

@@ -26,7 +26,18 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from edgelmm.backends.base import Backend, Counts, Detokenizer, Request, Result, Timings, TokenEvent, TokenScore, check_context
+from edgelmm.backends.base import (
+    AdapterTokens,
+    Backend,
+    Counts,
+    Detokenizer,
+    Request,
+    Result,
+    Timings,
+    TokenEvent,
+    TokenScore,
+    check_context,
+)
 from edgelmm.backends.decode import StaticDecoder, unsupported
 from edgelmm.backends.engines import engine_options
 from edgelmm.backends.kvstate import KVRunner
@@ -159,7 +170,7 @@ def _compile_wanted(option: Any, device: torch.device) -> bool:
     raise EdgelmmError(f"unknown compile setting '{option}' for the torch backend", "use auto, true or false")
 
 
-class TorchBackend(Backend):
+class TorchBackend(AdapterTokens, Backend):
     name = "torch"
     known_options = OPTIONS
 
@@ -245,31 +256,6 @@ class TorchBackend(Backend):
         if self.adapter is None:
             return None
         return int(getattr(self.adapter.text_config, "max_position_embeddings", 0) or 2048)
-
-    def prompt_token_ids(self, request: Request) -> list[int]:
-        self._check()
-        return self.adapter.prompt_ids(request)
-
-    def token_texts(self, token_ids: list[int]) -> list[str]:
-        self._check()
-        return self.adapter.token_texts(token_ids)
-
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        self._check()
-        return self.adapter.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        self._check()
-        self.adapter.check_token_ids(token_ids)
-        return self.adapter.tokenizer.decode(token_ids, skip_special_tokens=False)
-
-    def tokenizer_info(self) -> dict[str, Any]:
-        self._check()
-        tokenizer = self.adapter.tokenizer
-        template = getattr(self.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-        return {"tokenizer_class": type(tokenizer).__name__, "bos_token": tokenizer.bos_token,
-                "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "chat_template": template,
-                "model_max_length": self.max_context}
 
     def kv_runner(self) -> KVRunner:
         """KV states kept between calls (draft-verify, caches): see backends/kvstate.py."""

@@ -33,8 +33,10 @@ class ModelAdapter:
     key_mapping: ClassVar[dict[str, str] | None] = None
     planned_types: ClassVar[tuple[str, ...]] = ()  # the model_types `architecture` sizes (edgelmm plan)
 
-    def __init__(self, model: nn.Module, processor: Any | None = None):
-        self.model: Any = model  # navigated by attribute: each family's own module tree
+    def __init__(self, model: nn.Module | Any, processor: Any | None = None):
+        # navigated by attribute: each family's own module tree; where only inputs are built (the
+        # onnx backend), any object with the model's `config` and `generation_config`
+        self.model: Any = model
         self.processor: Any = processor
 
     # ------------------------------------------------------------ structure
