@@ -18,6 +18,8 @@ OPTIONAL = {
     "uvicorn": "serve",
     "compressed_tensors": "quant",
     "gguf": "llamacpp",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
 }
 
 
@@ -68,6 +70,7 @@ def environment() -> list[tuple[str, str]]:
 # Row label -> (modules it imports, needs CUDA): each backend, and the server of `edgelmm serve`.
 BACKEND_NEEDS = {
     "backend torch": ((), False), "backend openai": (("httpx",), False), "backend llamacpp": (("llama_cpp",), False),
+    "backend onnx": (("onnxruntime",), False),
     "backend vllm": (("vllm",), True), "backend lmdeploy": (("lmdeploy",), True), "edgelmm serve": (("fastapi", "uvicorn"), False),
 }
 

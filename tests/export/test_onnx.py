@@ -40,13 +40,14 @@ def _requests(multimodal: bool) -> list[Request]:
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "llava", "qwen2_vl"])
 def pair(request, tmp_path_factory):
-    """(family, torch backend, onnx backend) over the same tiny checkpoint, prefill lengths 1, 4, 16."""
+    """(family, torch backend, onnx backend) over the same tiny checkpoint; the onnx backend reads
+    prompts in chunks of the prefill lengths 4 and 16 (a rest of 1-3 tokens padded to 4)."""
     root = tmp_path_factory.mktemp(request.param)
     path = save_tiny(request.param, root / "model")
     size = QWEN_SIZE if request.param == "qwen2_vl" else None
-    export_onnx(str(path), root / "onnx", prefill_lens=[1, 4, 16], image_size=size)
+    export_onnx(str(path), root / "onnx", prefill_lens=[4, 16], image_size=size)
     torch_engine = load(ModelSpec(path=str(path), device="cpu"))
-    onnx_engine = load(str(root / "onnx"), backend="onnx")
+    onnx_engine = load(ModelSpec(path=str(root / "onnx"), options={"prefill": "profiles"}), backend="onnx")
     yield request.param, torch_engine, onnx_engine
     torch_engine.close()
     onnx_engine.close()
@@ -93,6 +94,18 @@ def test_streams_and_samples(pair):
     assert [e.token_id for e in events if e.token_id is not None] == result.token_ids
     assert "".join(e.text for e in events) == result.text
     assert onnx_engine.generate([request], params)[0].token_ids == result.token_ids  # the seed decides
+
+
+def test_whole_prompt_and_profiles_agree(pair):
+    family, _, onnx_engine = pair
+    whole = load(ModelSpec(path=onnx_engine.spec.path), backend="onnx")
+    request = _requests(family in ("llava", "qwen2_vl"))[0]
+    if family == "qwen2_vl":
+        request = Request.chat("the red circle", images=[_image(0).resize(QWEN_SIZE)])
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=True)
+    a, b = whole.generate([request], params)[0], onnx_engine.generate([request], params)[0]
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
 def test_mrope_positions_match_transformers():

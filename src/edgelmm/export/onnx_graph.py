@@ -149,7 +149,8 @@ class Graph:
         """RMSNorm as transformers computes it: in float32, then the weight in the model's type."""
         eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
         h = self.cast(x, np.float32) if self.dtype != np.float32 else x
-        variance = self.op("ReduceMean", self.op("Mul", h, h), axes=[-1], keepdims=1)
+        # Pow, ReduceMean, Add, Sqrt, Div: the pattern onnxruntime fuses into one SimplifiedLayerNormalization
+        variance = self.op("ReduceMean", self.op("Pow", h, self.const(2.0, np.float32)), axes=[-1], keepdims=1)
         h = self.op("Div", h, self.op("Sqrt", self.op("Add", variance, self.const(eps, np.float32))))
         if self.dtype != np.float32:
             h = self.cast(h, self.dtype)
