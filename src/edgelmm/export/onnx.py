@@ -93,14 +93,14 @@ def _check_family(adapter_cls: Any, model_type: str, text_only: bool) -> None:
                            f"supported: {', '.join(FAMILIES)}")
 
 
-def _load(model: str, quantized: bool) -> Any:
-    """The model on the CPU in float32 (W4A16 layers stay QuantLinear) and its adapter."""
+def _load(model: str, checkpoint: Any) -> Any:
+    """The model on the CPU in float32 (W4A16 layers stay QuantLinear), wrapped in its adapter."""
     from edgelmm.methods.quantization import load_quantized_model
-    from edgelmm.models.loader import load_model, resolve_checkpoint
+    from edgelmm.models.loader import load_model
 
     spec = ModelSpec(path=model, device="cpu", dtype="float32")
-    loader = load_quantized_model if quantized else load_model
-    _, _, adapter, _ = loader(spec, resolve_checkpoint(model))
+    loader = load_quantized_model if checkpoint.quantization is not None else load_model
+    _, _, adapter, _ = loader(spec, checkpoint)
     return adapter
 
 
@@ -146,7 +146,7 @@ def export_onnx(model: str, out: str | Path, prefill_lens: list[int] | None = No
             raise EdgelmmError(f"--weights int4: group size {group} is not a power of two of at least 16, "
                                "which MatMulNBits needs", "quantize with --group-size 32, 64 or 128")
     lens = prefill_lens or [1, 8, 96]
-    adapter = _load(model, quantization is not None)
+    adapter = _load(model, checkpoint)
     trained = int(getattr(adapter.text_config, "max_position_embeddings", 0) or 4096)
     max_kv = int(max_kv or min(trained, 4096))
     if max_kv > trained:

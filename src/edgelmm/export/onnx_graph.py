@@ -181,6 +181,28 @@ class Graph:
             return self.op("Softmax", x, axis=-1)
         return self.cast(self.op("Softmax", self.cast(x, np.float32), axis=-1), self.dtype)
 
+    # ------------------------------------------------------------ attention (language model and vision towers)
+    def heads(self, x: str, heads: int, head_dim: int) -> str:
+        """[batch, sequence, heads * head_dim] -> [batch, heads, sequence, head_dim]."""
+        return self.op("Transpose", self.op("Reshape", x, self.const([0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
+
+    def rotary(self, x: str, cos: str, sin: str, head_dim: int) -> str:
+        """x cos + rotate_half(x) sin over [batch, heads, sequence, head_dim], as transformers rotates."""
+        half = head_dim // 2
+        first = self.op("Slice", x, self.const([0]), self.const([half]), self.const([3]))
+        second = self.op("Slice", x, self.const([half]), self.const([head_dim]), self.const([3]))
+        rotated = self.op("Concat", self.op("Neg", second), first, axis=3)
+        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rotated, sin))
+
+    def attention(self, q: str, k: str, v: str, scale: float, width: int, allowed: str | None = None) -> str:
+        """softmax(q kᵀ scale) v over [batch, heads, sequence, head_dim], where `allowed` (a bool mask
+        broadcast over the scores) lets it look, back to [batch, sequence, width]."""
+        scores = self.op("Mul", self.op("MatMul", q, self.op("Transpose", k, perm=[0, 1, 3, 2])), self.scalar(scale))
+        if allowed is not None:
+            scores = self.op("Where", allowed, scores, self.scalar(float(np.finfo(self.dtype).min)))
+        out = self.op("MatMul", self.softmax(scores), v)
+        return self.op("Reshape", self.op("Transpose", out, perm=[0, 2, 1, 3]), self.const([0, 0, width]))
+
     # ------------------------------------------------------------ the model
     def model(self, producer: str = "edgelmm") -> Any:
         helper = self.onnx.helper

@@ -102,23 +102,20 @@ def language_graph(adapter: Any, dtype: Any, embeds_in: bool, int4: bool) -> tup
     for i, layer in enumerate(adapter.language_layers()):
         attn, mlp = layer.self_attn, layer.mlp
         h = g.rms_norm(x, layer.input_layernorm, f"layers.{i}.input_layernorm")
-        q = _heads(g, g.linear(h, attn.q_proj, f"layers.{i}.q_proj"), shape.heads, shape.head_dim)
-        k = _heads(g, g.linear(h, attn.k_proj, f"layers.{i}.k_proj"), shape.kv_heads, shape.head_dim)
-        v = _heads(g, g.linear(h, attn.v_proj, f"layers.{i}.v_proj"), shape.kv_heads, shape.head_dim)
+        q = g.heads(g.linear(h, attn.q_proj, f"layers.{i}.q_proj"), shape.heads, shape.head_dim)
+        k = g.heads(g.linear(h, attn.k_proj, f"layers.{i}.k_proj"), shape.kv_heads, shape.head_dim)
+        v = g.heads(g.linear(h, attn.v_proj, f"layers.{i}.v_proj"), shape.kv_heads, shape.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head before rotary
             q = g.rms_norm(q, attn.q_norm, f"layers.{i}.q_norm")
             k = g.rms_norm(k, attn.k_norm, f"layers.{i}.k_norm")
-        q, k = _rotate(g, q, cos, sin, shape.head_dim), _rotate(g, k, cos, sin, shape.head_dim)
+        q, k = g.rotary(q, cos, sin, shape.head_dim), g.rotary(k, cos, sin, shape.head_dim)
         k = g.op("Concat", past[i][0], k, axis=2)
         v = g.op("Concat", past[i][1], v, axis=2)
         g.output(f"present.{i}.key", k, g.dtype, present_shape)
         g.output(f"present.{i}.value", v, g.dtype, present_shape)
         groups = shape.heads // shape.kv_heads
         k, v = _repeat(g, k, groups, shape), _repeat(g, v, groups, shape)
-        scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.scalar(float(attn.scaling)))
-        scores = g.op("Where", allowed, scores, g.scalar(float(np.finfo(g.dtype).min)))
-        out = g.op("MatMul", g.softmax(scores), v)
-        out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, shape.heads * shape.head_dim]))
+        out = g.attention(q, k, v, float(attn.scaling), shape.heads * shape.head_dim, allowed)
         x = g.op("Add", x, g.linear(out, attn.o_proj, f"layers.{i}.o_proj"))
         h = g.rms_norm(x, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
         gate = g.activation(g.linear(h, mlp.gate_proj, f"layers.{i}.gate_proj"), act)
@@ -175,19 +172,6 @@ def _rotary(g: Graph, rotary: Any, positions: str, shape: LMShape) -> tuple[str,
             value = g.cast(value, g.dtype)
         out.append(g.op("Unsqueeze", value, g.const([1])))
     return out[0], out[1]
-
-
-def _heads(g: Graph, x: str, heads: int, head_dim: int) -> str:
-    """[batch, sequence, heads * head_dim] -> [batch, heads, sequence, head_dim]."""
-    return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
-
-
-def _rotate(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
-    half = head_dim // 2
-    first = g.op("Slice", x, g.const([0]), g.const([half]), g.const([3]))
-    second = g.op("Slice", x, g.const([half]), g.const([head_dim]), g.const([3]))
-    rotated = g.op("Concat", g.op("Neg", second), first, axis=3)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
 def _repeat(g: Graph, kv: str, groups: int, shape: LMShape) -> str:

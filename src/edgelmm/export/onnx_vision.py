@@ -34,8 +34,8 @@ def vision_graph(adapter: Any, dtype: Any, size: tuple[int, int] | None) -> Visi
                        "vision graphs are written for LLaVA (CLIP) and Qwen2-VL")
 
 
-def _encoder_layer(g: Graph, x: str, norm1: Any, attn: Any, qkv: list[Any], out: Any, norm2: Any, mlp: Any,
-                   heads: int, act: str, hint: str, rotary: tuple[str, str] | None = None, split: int = 1) -> str:
+def _encoder_layer(g: Graph, x: str, norm1: Any, qkv: list[Any], out: Any, norm2: Any, mlp: Any,
+                   heads: int, act: str, hint: str, rotary: tuple[str, str] | None = None) -> str:
     """A pre-norm transformer block over [batch, tokens, width]: full attention within each sequence."""
     h = g.layer_norm(x, norm1, hint + ".norm1")
     width = qkv[0].out_features if len(qkv) == 3 else qkv[0].out_features // 3
@@ -44,22 +44,12 @@ def _encoder_layer(g: Graph, x: str, norm1: Any, attn: Any, qkv: list[Any], out:
         q, k, v = (g.linear(h, m, f"{hint}.{n}") for m, n in zip(qkv, "qkv"))
     else:
         q, k, v = g.op("Split", g.linear(h, qkv[0], hint + ".qkv"), g.const([width] * 3), axis=-1, outputs=3)
-    q, k, v = (g.op("Transpose", g.op("Reshape", t, g.const([0, 0, heads, head_dim])), perm=[0, 2, 1, 3]) for t in (q, k, v))
+    q, k, v = (g.heads(t, heads, head_dim) for t in (q, k, v))
     if rotary is not None:
-        q, k = _rotate(g, q, *rotary, head_dim), _rotate(g, k, *rotary, head_dim)
-    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.scalar(head_dim**-0.5))
-    o = g.op("MatMul", g.softmax(scores), v)
-    o = g.op("Reshape", g.op("Transpose", o, perm=[0, 2, 1, 3]), g.const([0, 0, width]))
-    x = g.op("Add", x, g.linear(o, out, hint + ".out"))
+        q, k = g.rotary(q, *rotary, head_dim), g.rotary(k, *rotary, head_dim)
+    x = g.op("Add", x, g.linear(g.attention(q, k, v, head_dim**-0.5, width), out, hint + ".out"))
     h = g.layer_norm(x, norm2, hint + ".norm2")
     return g.op("Add", x, g.linear(g.activation(g.linear(h, mlp[0], hint + ".fc1"), act), mlp[1], hint + ".fc2"))
-
-
-def _rotate(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
-    half = head_dim // 2
-    first = g.op("Slice", x, g.const([0]), g.const([half]), g.const([3]))
-    second = g.op("Slice", x, g.const([half]), g.const([head_dim]), g.const([3]))
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", g.op("Concat", g.op("Neg", second), first, axis=3), sin))
 
 
 def _projector(g: Graph, x: str, adapter: Any) -> str:
@@ -103,7 +93,7 @@ def _clip(adapter: Any, dtype: Any, size: tuple[int, int] | None) -> VisionExpor
     states = {0: x}
     for i, layer in enumerate(model.encoder.layers[: max(wanted)]):
         attn = layer.self_attn
-        x = _encoder_layer(g, x, layer.layer_norm1, attn, [attn.q_proj, attn.k_proj, attn.v_proj], attn.out_proj,
+        x = _encoder_layer(g, x, layer.layer_norm1, [attn.q_proj, attn.k_proj, attn.v_proj], attn.out_proj,
                            layer.layer_norm2, [layer.mlp.fc1, layer.mlp.fc2], v.num_attention_heads, v.hidden_act,
                            f"vision.layers.{i}")
         states[i + 1] = x
@@ -147,7 +137,7 @@ def _qwen2_vl(adapter: Any, dtype: Any, size: tuple[int, int] | None) -> VisionE
     if v.hidden_act not in ACTIVATIONS:
         raise EdgelmmError(f"ONNX export: unsupported vision activation '{v.hidden_act}'")
     for i, block in enumerate(visual.blocks):
-        x = _encoder_layer(g, x, block.norm1, block.attn, [block.attn.qkv], block.attn.proj, block.norm2,
+        x = _encoder_layer(g, x, block.norm1, [block.attn.qkv], block.attn.proj, block.norm2,
                            [block.mlp.fc1, block.mlp.fc2], v.num_heads, v.hidden_act, f"vision.blocks.{i}", (cos, sin))
     merger = visual.merger
     x = g.op("Reshape", g.layer_norm(x, merger.ln_q, "merger.ln_q"), g.const([-1, v.embed_dim * merge]))
