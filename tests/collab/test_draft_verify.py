@@ -290,3 +290,101 @@ def test_the_engine_runs_waiting_grouped_calls_together(edge_backend):
     finally:
         engine.close()
     assert seen == [[0, 1, 2]]
+
+
+def test_drafting_is_chosen_only_while_it_measures_faster():
+    length = DraftLength()
+    assert length.drafts_pay()  # nothing measured: draft first
+    length.update(4, 3, 0.004, 0.100)  # a round costs a long round trip
+    assert length.token_s() is not None and not length.drafts_pay()  # then the cloud alone, once
+    length.observe_cloud(0.002)  # it decodes a token in 2 ms
+    choices = [length.drafts_pay() for _ in range(31)]
+    assert choices.count(True) == 2 and choices.count(False) == 29  # every 16th answer explores the other way
+    fast = DraftLength()
+    fast.update(4, 4, 0.0005, 0.003)
+    fast.observe_cloud(0.010)
+    assert fast.drafts_pay()
+
+
+def _slow_link(router: Router) -> None:
+    """The router's measurements of a link where drafting does not pay."""
+    router.length.update(4, 2, 0.004, 0.5)
+    router.length.observe_cloud(0.001)
+    router.length.answers = 1  # not an exploring turn
+
+
+def test_where_drafting_is_slower_the_cloud_streams_its_own_answer(drafter_backend, edge_backend, cloud_url, captions):
+    edge = Engine(drafter_backend)
+    shown = []
+    try:
+        async def go():
+            async with CloudClient(CloudSettings(cloud_url)) as client:
+                router = Router(Policy(mode="draft_verify"), edge, client, NATIVE)
+                _slow_link(router)
+                return await router.answer(captions[2], CAPTION, on_token=lambda e: shown.append(e.text))
+
+        routed = run(go())
+    finally:
+        edge.close()
+    assert routed.served_by == "cloud" and "decoded alone" in routed.reason and routed.draft is None
+    assert routed.result.token_ids == edge_backend.generate([captions[2]], CAPTION)[0].token_ids
+    assert len(shown) > 2 and "".join(shown) == routed.result.text
+
+
+class _StreamCut:
+    """A loopback proxy to the real cloud that relays the first `n` events of a streamed answer,
+    then closes the connection (a cloud killed mid-stream)."""
+
+    def __init__(self, target: str, n: int):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                answer = httpx.get(target + self.path, timeout=30)
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                events = [line for line in httpx.post(target + self.path, content=body, timeout=60,
+                                                      headers={"Content-Type": "application/json"}).text.split("\n\n")
+                          if line.startswith("data:")]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for event in events[:n]:
+                    self.wfile.write((event + "\n\n").encode())
+                self.wfile.flush()
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+def test_a_cloud_stream_cut_mid_answer_is_finished_by_the_edge(drafter_backend, cloud, captions):
+    proxy = _StreamCut(cloud.url, n=4)  # the role chunk and three tokens
+    edge = Engine(drafter_backend)
+    shown = []
+    try:
+        async def go():
+            async with CloudClient(CloudSettings(proxy.url, retries=0, timeout_s=10)) as client:
+                router = Router(Policy(mode="draft_verify"), edge, client, NATIVE)
+                _slow_link(router)
+                return await router.answer(captions[3], CAPTION, on_token=lambda e: shown.append(e.text))
+
+        routed = run(go())
+    finally:
+        edge.close()
+        proxy.server.shutdown()
+    assert routed.served_by == FALLBACK and "after 3 agreed tokens" in routed.reason
+    assert "".join(shown) == routed.result.text  # nothing shown twice, nothing lost
+    assert len(routed.result.token_ids) > 3

@@ -120,7 +120,7 @@ def server_message(response: Any) -> str:
         return response.text[:200]
 
 
-class _Answer:
+class Answer:
     """What the chunks of one answer add up to (streamed chunks, or one whole response)."""
 
     def __init__(self, params: SamplingParams):
@@ -169,6 +169,21 @@ class _Answer:
         self.text += text
         return ids, new_logprobs, text
 
+    def add_chunk(self, chunk: dict[str, Any], stamps: list[float], now: float) -> list[tuple[list[int], list[float], str]]:
+        """Take one streamed chunk that arrived at `now`: (ids, logprobs, text) of each choice that
+        added tokens, one stamp per token appended to `stamps` (a chunk of n tokens is spread over
+        the wait for it; without ids or logprobs a text piece counts as one token)."""
+        self.usage = chunk.get("usage") or self.usage
+        added = []
+        for choice in chunk.get("choices", []):
+            ids, logprobs, text = self.add(choice)
+            n = len(ids) or len(logprobs) or (1 if text else 0)
+            if n:
+                last = stamps[-1] if stamps else now
+                stamps += [last + (now - last) * (i + 1) / n for i in range(n)]
+                added.append((ids, logprobs, text))
+        return added
+
     def _id(self, token: str, fallback: int | None) -> int:
         found = _token_id(token)
         if found is None and fallback is None:
@@ -213,7 +228,7 @@ def _chat_prompt_scores(entries: Any, prompt_ids: list[int] | None) -> list[Toke
 def whole_result(route: str, body: dict[str, Any], response: dict[str, Any], params: SamplingParams, t0: float,
                  end: float) -> Result:
     """The Result of a request that `request_body` built and the server answered whole (not streamed)."""
-    answer = _Answer(params)
+    answer = Answer(params)
     answer.usage = response.get("usage")
     [choice] = response.get("choices") or [{}]
     echo = int((answer.usage or {}).get("prompt_tokens") or len(choice.get("prompt_token_ids") or [])) if "echo" in body else 0
@@ -399,20 +414,13 @@ class OpenAIBackend(Backend):
             return
         t0 = time.perf_counter()
         stamps: list[float] = []
-        answer = _Answer(params)
+        answer = Answer(params)
         route, body = request_body(self.model, request, params, self._ids_needed(params), stream=True,
                                    explicit=self.options["explicit_sampling"])
         for chunk in self._events(route, body):
             now = time.perf_counter()
-            answer.usage = chunk.get("usage") or answer.usage
-            for choice in chunk.get("choices", []):
-                ids, logprobs, text = answer.add(choice)
-                # tokens in this chunk: exact where the server says (ids, logprobs), else one per text piece
-                n = len(ids) or len(logprobs) or (1 if text else 0)
-                if n == 0:
-                    continue
-                last = stamps[-1] if stamps else now  # a chunk of n tokens: spread over the wait for it
-                stamps += [last + (now - last) * (i + 1) / n for i in range(n)]
+            for ids, logprobs, text in answer.add_chunk(chunk, stamps, now):
+                n = len(ids) or len(logprobs) or 1
                 yield TokenEvent(ids[0] if len(ids) == 1 else None, text, logprobs[0] if len(logprobs) == 1 else None,
                                  now - t0, answer.tops[-1] if params.top_logprobs and n == 1 and answer.tops else None)
         end = time.perf_counter()

@@ -14,7 +14,8 @@ Presets: `cloud_only` (the cloud alone), `edge_only` (the edge alone), `baseline
 on: routing with the policy fitted on the calibration seed, escalated requests answered by
 draft-verify with the edge's own answer as the first drafts, the cloud's verify sessions and
 the edge's prefix cache), `no_confidence` (every answer escalated), `draft_verify` (every request
-by draft-verify: the cloud's own output), `no_draft_verify` (the baseline, escalated requests
+by draft-verify: the cloud's own output; `draft_when: always`, so that the cell measures drafting
+even where the cloud alone would be faster), `no_draft_verify` (the baseline, escalated requests
 decoded by the cloud alone), `no_kv_cache` (the baseline through the generic verify protocol,
 which keeps nothing in the cloud between rounds, and without the edge's prefix cache). Where the
 cloud has no verify protocol, the presets that need one fail with the reason. Every cell — preset × task × RTT, plus the two calibration runs per
@@ -61,7 +62,7 @@ PRESET_POLICIES: dict[str, dict[str, Any]] = {
     "edge_only": {"mode": "edge"},
     "baseline": {"fitted": True, "escalate_by": "draft_verify"},
     "no_confidence": {"mode": "escalate", "escalate_by": "draft_verify"},
-    "draft_verify": {"mode": "draft_verify"},
+    "draft_verify": {"mode": "draft_verify", "draft_when": "always"},
     "no_draft_verify": {"fitted": True, "escalate_by": "complete"},
     "no_kv_cache": {"fitted": True, "escalate_by": "draft_verify", "protocol": "generic", "edge_cache": False},
 }

@@ -3,7 +3,7 @@
 The cloud is any OpenAI-compatible server (`edgelmm serve`, vLLM, vLLM behind its router);
 nothing edgelmm-specific is asked of it. Requests go out as the openai backend builds them
 (`openai_backend.request_body`: chat to /chat/completions with images as data URLs, text
-prompts to /completions) and are answered whole.
+prompts to /completions) and are answered whole, or streamed (`stream`, server-sent events).
 
 - One `httpx.AsyncClient` per cloud: a connection pool (keep-alive) shared by every request.
 - Every call is bounded by `timeout_s` in all, retries included: connection errors, time-outs
@@ -28,12 +28,12 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from edgelmm.backends.base import Request, Result
-from edgelmm.backends.openai_backend import RETRY_STATUS, request_body, server_message, whole_result
+from edgelmm.backends.openai_backend import RETRY_STATUS, Answer, request_body, server_message, whole_result
 from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError
 
@@ -87,6 +87,8 @@ class CloudError(Exception):
     def __init__(self, reason: str, detail: str, status: int | None = None, code: str | None = None):
         super().__init__(detail)
         self.reason, self.status, self.code = reason, status, code
+        self.partial_ids: list[int] = []  # a streamed answer's tokens that had arrived (CloudClient.stream)
+        self.partial_text = ""
 
 
 class Breaker:
@@ -227,6 +229,35 @@ class CloudClient:
         """POST `body` to `route` (under the API root; an absolute path such as "/tokenize" goes
         to the server's root when it starts with "//") and `parse` the JSON answer, within
         timeout_s, retried and breaker-guarded as every cloud call is; CloudError otherwise."""
+        return await self._guarded(route, lambda tries: self._tries(route, body, parse, tries, headers))
+
+    async def stream(self, request: Request, params: SamplingParams,
+                     on_chunk: Callable[[list[int], str], None] | None = None) -> Result:
+        """The cloud's answer streamed: `on_chunk(token ids, text)` as each chunk arrives. Retried
+        and breaker-guarded as `call` until the first chunk; bounded by timeout_s in all. A
+        CloudError carries the tokens that had arrived (`partial_ids`, `partial_text`): after the
+        first chunk nothing is retried, since the user may have seen them."""
+        route, body = request_body(self.model, request, params, token_ids=True, stream=True,
+                                   explicit=self.settings.explicit_sampling)
+        answer = Answer(params)
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+
+        def take(chunk: dict[str, Any]) -> None:
+            for ids, _, text in answer.add_chunk(chunk, stamps, time.perf_counter()):
+                if on_chunk is not None:
+                    on_chunk(ids, text)
+
+        try:
+            await self._guarded(route, lambda tries: self._stream_tries(route, body, take, tries))
+        except CloudError as exc:
+            exc.partial_ids, exc.partial_text = list(answer.ids), answer.text
+            raise
+        end = time.perf_counter()
+        return answer.result(stamps, t0, end)
+
+    async def _guarded(self, route: str, run: Callable[[list[int]], Awaitable[T]]) -> T:
+        """`run(tries)` behind the breaker, within timeout_s, logged; CloudError when it fails."""
         gate = self.breaker.allow()
         if gate == OPEN:
             raise self._failed("breaker_open", "the cloud failed repeatedly; not calling it until it answers a probe", 0, 0.0)
@@ -237,7 +268,7 @@ class CloudClient:
         started = time.perf_counter()
         tries = [0]
         try:
-            result = await asyncio.wait_for(self._tries(route, body, parse, tries, headers), self.settings.timeout_s)
+            result = await asyncio.wait_for(run(tries), self.settings.timeout_s)
         except asyncio.TimeoutError:
             self.breaker.failure()
             raise self._failed("timeout", f"no answer within {self.settings.timeout_s:g} s", tries[0], started) from None
@@ -283,14 +314,59 @@ class CloudClient:
                     return parse(response.json())
                 except (ValueError, KeyError, TypeError, IndexError, EdgelmmError) as exc:
                     raise CloudError("bad_response", f"the cloud's answer did not parse: {exc}") from None
-            if response.status_code not in RETRY_STATUS:
-                raise CloudError("refused", f"{response.status_code}: {server_message(response)}", response.status_code,
-                                 _error_code(response))
-            if last:
-                raise CloudError(f"status_{response.status_code}", f"{response.status_code}: {server_message(response)}",
-                                 response.status_code)
+            _raise_unless_retried(response, last)
             await asyncio.sleep(s.backoff_s * 2**attempt)
         raise AssertionError("unreachable")
+
+    async def _stream_tries(self, route: str, body: dict[str, Any], take: Callable[[dict[str, Any]], None],
+                            tries: list[int]) -> None:
+        """`_tries` for a streamed answer (server-sent events): each chunk to `take`; tried again
+        only while no chunk has arrived."""
+        httpx = httpx_module()
+        s = self.settings
+        received = False
+        for attempt in range(s.retries + 1):
+            tries[0] = attempt + 1
+            last = attempt == s.retries
+            try:
+                async with self._pool().stream("POST", self._url(route), json=body) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        _raise_unless_retried(response, last)
+                        await asyncio.sleep(s.backoff_s * 2**attempt)
+                        continue
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            return
+                        try:
+                            chunk = json.loads(data)
+                            if "error" in chunk:
+                                raise CloudError("broken_stream", f"the cloud failed mid-answer: {chunk['error']}")
+                            take(chunk)
+                        except (ValueError, KeyError, TypeError, EdgelmmError) as exc:
+                            raise CloudError("bad_response", f"a streamed chunk did not parse: {exc}") from None
+                        received = True
+                    raise CloudError("broken_stream", "the stream ended without its closing [DONE]")
+            except httpx.HTTPError as exc:
+                if received:
+                    raise CloudError("broken_stream", f"the stream broke mid-answer: {type(exc).__name__}: {exc}") from None
+                if last:
+                    raise CloudError("unreachable", f"{type(exc).__name__}: {exc}") from None
+                await asyncio.sleep(s.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def _raise_unless_retried(response: Any, last: bool) -> None:
+    """A non-200 answer: CloudError unless it is worth another try and one is left."""
+    if response.status_code not in RETRY_STATUS:
+        raise CloudError("refused", f"{response.status_code}: {server_message(response)}", response.status_code,
+                         _error_code(response))
+    if last:
+        raise CloudError(f"status_{response.status_code}", f"{response.status_code}: {server_message(response)}",
+                         response.status_code)
 
 
 def _error_code(response: Any) -> str | None:

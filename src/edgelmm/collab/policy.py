@@ -10,6 +10,9 @@
     draft_length: null           # draft_verify: tokens per round; null adapts it (collab/speculative.py)
     draft_max: 8                 # draft_verify: the adaptive length's ceiling
     protocol: auto               # draft_verify: auto (probe) | native (edgelmm serve) | generic (echo + logprobs)
+    draft_when: faster           # draft_verify: faster (an answer is drafted only while that measures faster
+                                 # per token than the cloud decoding alone, streamed; the output is the
+                                 # cloud's either way) | always
     escalate_by: complete        # route/escalate: how an escalated request is answered: complete (the cloud
                                  # decodes it) | draft_verify (the edge's own tokens are the first drafts)
 
@@ -45,6 +48,7 @@ class Policy(Schema):
     draft_length: int | None = Field(None, ge=1, le=64)
     draft_max: int = Field(8, ge=1, le=64)
     protocol: Literal["auto", "native", "generic"] = "auto"
+    draft_when: Literal["faster", "always"] = "faster"
     escalate_by: Literal["complete", "draft_verify"] = "complete"
     fitted: dict[str, Any] | None = None  # what calibration measured, for the record
 

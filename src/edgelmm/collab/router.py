@@ -14,7 +14,9 @@ the edge's own answer, marked `edge_fallback` with the reason: never an error, n
 answers. The time this can take is bounded by the cloud client's `timeout_s`.
 
 With mode `draft_verify` every answer is the cloud's own output, drafted by the edge a few tokens
-at a time and verified by the cloud (collab/speculative.py, collab/verify.py); with
+at a time and verified by the cloud (collab/speculative.py, collab/verify.py) — or, with
+`draft_when: faster`, streamed from the cloud decoding alone while drafting measures slower per
+token (a fast cloud behind a long round trip; `served_by: cloud`, the reason says so); with
 `escalate_by: draft_verify` an escalated request is answered that way, the edge's own answer
 verified as the first drafts. A cloud lost mid-answer leaves the agreed tokens, and the edge
 finishes alone (`edge_fallback`).
@@ -31,11 +33,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgelmm.backends.base import Result
+from edgelmm.backends.base import Result, TokenEvent
 from edgelmm.collab.client import BREAKER_STATES, CloudClient, CloudError
 from edgelmm.collab.confidence import Position
 from edgelmm.collab.policy import Policy
-from edgelmm.collab.speculative import Drafter, DraftLength, speculate
+from edgelmm.collab.speculative import Drafter, DraftLength, Speculated, Verified, Verifier, speculate
 from edgelmm.collab.verify import verifier_for
 from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError
@@ -221,16 +223,48 @@ class Router:
         """The cloud's own output, drafted by the edge (starting from `first_drafts`, the edge's
         answer to an escalated request); the edge finishes alone if the cloud goes."""
         assert self.edge is not None and self.cloud is not None and self.protocol is not None
+        if first_drafts is None and self.policy.draft_when == "faster" and not self.length.drafts_pay():
+            return await self._cloud_decodes(request, params, started, confidence, edge_s, on_token)
         drafter = Drafter(self.edge.backend)
         out = await speculate(request, params, drafter, verifier_for(self.protocol, self.cloud), self.length,
                               run_edge=self.edge.call, failures=(CloudError,), first_drafts=first_drafts,
                               on_token=on_token)
+        return self._drafted(out, confidence, edge_s, started)
+
+    def _drafted(self, out: Speculated, confidence: float | None, edge_s: float, started: float) -> Routed:
         if out.fallback is not None:
             self.metrics.failures.inc(1, "mid_answer")
         stats = out.stats
         return Routed(out.result, FALLBACK if out.fallback else DRAFT, confidence, edge_s + stats.edge_s, stats.verify_s,
                       time.perf_counter() - started, stats.drafted, out.result.counts.generated_tokens, out.fallback,
                       draft=stats.info())
+
+    async def _cloud_decodes(self, request: Request, params: SamplingParams, started: float, confidence: float | None,
+                             edge_s: float, on_token: Any) -> Routed:
+        """A draft-verify answer that the cloud decodes alone, streamed (drafting measured slower:
+        see DraftLength.drafts_pay); if the cloud fails, the edge finishes from what had arrived."""
+        assert self.edge is not None and self.cloud is not None
+        cloud_started = time.perf_counter()
+
+        def relay(ids: list[int], text: str) -> None:
+            if on_token is not None and text:
+                on_token(TokenEvent(ids[0] if len(ids) == 1 else None, text, None, time.perf_counter() - started))
+
+        cloud_params = params.model_copy(update={"logprobs": False, "top_logprobs": 0})
+        try:
+            result = await self.cloud.stream(request, cloud_params, relay)
+        except CloudError as exc:  # counted as a mid-answer failure, as a draft-verify answer's
+            settled, text, edge = exc.partial_ids, exc.partial_text, self.edge.backend
+            if text and not settled:  # a server that sends no ids: the edge reads the text (the same tokenizer)
+                settled = await self.edge.call(lambda: edge.tokenize(text, add_special_tokens=False))
+            out = await speculate(request, params, Drafter(edge), _Lost(exc), self.length,
+                                  run_edge=self.edge.call, failures=(CloudError,), on_token=on_token, settled=settled)
+            return self._drafted(out, confidence, edge_s, started)
+        self.length.observe_cloud(result.timings.tpot_s)
+        rates = f"{1000 * (self.length.token_s() or 0):.2f} ms/token drafted, {1000 * (self.length.t_cloud or 0):.2f} alone"
+        result.decode_path = "cloud (streamed)"
+        return Routed(result, CLOUD, confidence, edge_s, time.perf_counter() - cloud_started, time.perf_counter() - started,
+                      0, result.counts.generated_tokens, f"draft-verify: the cloud decoded alone ({rates})")
 
     # ------------------------------------------------------------ the cloud's side
     async def _ask_cloud(self, request: Request, params: SamplingParams, started: float, confidence: float | None,
@@ -259,6 +293,21 @@ class Router:
             return (await self.edge.complete(request, params, explicit)).result
 
         return await self._ask_cloud(request, params, started, None, None, 0, edge_answer, {})
+
+
+class _Lost(Verifier):
+    """The verifier of an answer whose cloud already failed: the edge finishes alone."""
+
+    protocol = "none"
+
+    def __init__(self, error: CloudError):
+        self.error = error
+
+    async def open(self, request: Request) -> None:
+        raise self.error
+
+    async def verify(self, agreed: list[int], drafts: list[int], top: int) -> Verified:
+        raise self.error
 
 
 async def _ready(result: Result) -> Result:

@@ -23,7 +23,10 @@ round yields between 1 and k+1 tokens for one cloud forward pass.
 
 The draft length adapts (`DraftLength`): from the running acceptance rate a and the measured time
 of a drafted token and of a verify round, it picks the k that maximises expected tokens per
-second, (1 - a^(k+1)) / (1 - a) / (k * t_draft + t_round).
+second, (1 - a^(k+1)) / (1 - a) / (k * t_draft + t_round). Drafting does not always pay: each
+round costs a round trip, and a cloud that decodes a token in less time than the link's round
+trip over the tokens a round yields answers sooner alone. `DraftLength.drafts_pay` compares the
+two measured rates per answer (the router then streams the cloud's own answer: the same output).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from edgelmm.request import Request
 
 Dist = list[tuple[int, float]]  # (token id, log-probability), best first: the top-k at one position
 TOP_K = 20  # alternatives a verifier asks the cloud for when sampling (the OpenAI API's maximum)
+EXPLORE = 16  # DraftLength.drafts_pay: one answer in this many takes the way not chosen
 
 
 @dataclass
@@ -111,7 +115,9 @@ class DraftLength:
         self.fixed, self.k_max, self.initial, self.decay = fixed, k_max, min(initial, k_max), decay
         self.accepted, self.trials = 2.0, 3.0  # a prior of a = 2/3, outweighed after a few rounds
         self.t_draft: float | None = None
-        self.t_round: float | None = None
+        self.t_round: float | None = None  # a verify round's wall time, the round trip included
+        self.t_cloud: float | None = None  # the cloud's own streamed time per token (observe_cloud)
+        self.answers = 0
 
     @property
     def rate(self) -> float:
@@ -125,6 +131,30 @@ class DraftLength:
         a = self.rate
         return max(range(1, self.k_max + 1),
                    key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (k * self.t_draft + self.t_round))  # type: ignore[operator]
+
+    def token_s(self) -> float | None:
+        """Expected seconds per answer token by draft-verify at the best k (None before a round)."""
+        if self.t_draft is None or self.t_round is None:
+            return None
+        a, k = self.rate, self.next()
+        return (k * self.t_draft + self.t_round) / ((1 - a ** (k + 1)) / (1 - a))
+
+    def observe_cloud(self, tpot_s: float | None) -> None:
+        """The cloud's own time per token, seen on an answer it decoded alone (streamed)."""
+        if tpot_s is not None:
+            self.t_cloud = tpot_s if self.t_cloud is None else 0.7 * self.t_cloud + 0.3 * tpot_s
+
+    def drafts_pay(self) -> bool:
+        """Whether the next answer should be drafted (True) or decoded by the cloud alone (False):
+        by the lower of draft-verify's expected time per token and the cloud's measured one;
+        each is measured once before it is compared, and every EXPLORE-th answer takes the other
+        way so that both follow the link and the cloud's load."""
+        self.answers += 1
+        drafted = self.token_s()
+        if drafted is None or self.t_cloud is None:
+            return drafted is None  # draft first, then let the cloud decode one alone
+        better = drafted <= self.t_cloud
+        return not better if self.answers % EXPLORE == 0 else better
 
     def update(self, drafted: int, accepted: int, draft_s: float, round_s: float) -> None:
         """After a round: `accepted` of `drafted` (a rejection ends a round's acceptance)."""
@@ -282,12 +312,14 @@ class Speculated:
 async def speculate(request: Request, params: SamplingParams, drafter: Drafter, verifier: Verifier, length: DraftLength,
                     run_edge: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
                     failures: tuple[type[BaseException], ...] = (), first_drafts: list[int] | None = None,
-                    on_token: Callable[[TokenEvent], None] | None = None) -> Speculated:
+                    on_token: Callable[[TokenEvent], None] | None = None, settled: list[int] | None = None) -> Speculated:
     """One answer by draft–verify (see the module doc). A verifier error of a type in `failures`
     (the cloud lost mid-answer) leaves the tokens agreed so far, and the edge finishes alone.
     `first_drafts` (greedy only): tokens the edge already has — its own answer to a request that
     was escalated — verified as the first round's drafts instead of drafting anew. `on_token`
-    is handed each token as its round settles it (a stream), with the text it lets the user see."""
+    is handed each token as its round settles it (a stream), with the text it lets the user see.
+    `settled`: tokens of the answer that are already decided (and shown: a cloud stream that broke
+    off), taken first without being handed on."""
     run = run_edge or _inline
     t0 = time.perf_counter()
     stats = DraftStats(protocol=verifier.protocol)
@@ -300,23 +332,23 @@ async def speculate(request: Request, params: SamplingParams, drafter: Drafter, 
     stamps: list[float] = []
     fallback = None
 
-    def take(tokens: list[int], dists: list[Dist]) -> bool:
-        """Append tokens to the answer; True once it is finished."""
+    def take(tokens: list[int], dists: list[Dist], shown: bool = False) -> bool:
+        """Append tokens to the answer (`shown`: already handed on); True once it is finished."""
         now = time.perf_counter()
         for token, dist in zip(tokens, dists):
             agreed.append(token)
             scores.append(dist)
             stamps.append(now)
             delta = detok.push(token)
-            if on_token is not None:
+            if on_token is not None and not shown:
                 on_token(TokenEvent(token, delta, next((lp for t, lp in dist if t == token), None), now - t0))
             if token in drafter.end_tokens or detok.stopped is not None or len(agreed) >= params.max_new_tokens:
                 return True
         return False
 
+    finished = params.max_new_tokens == 0 or take(settled or [], [[] for _ in settled or []], shown=True)
     try:
         await verifier.open(request)
-        finished = params.max_new_tokens == 0
         while not finished:
             k = min(length.next(), params.max_new_tokens - len(agreed) - 1)
             started = time.perf_counter()
@@ -346,10 +378,9 @@ async def speculate(request: Request, params: SamplingParams, drafter: Drafter, 
             stats.accepted += min(m, len(agreed) - before)  # drafts past the answer's end are not counted
     except failures as exc:
         fallback = f"the cloud failed mid-answer after {len(agreed)} agreed tokens: {exc}"
-        while len(agreed) < params.max_new_tokens:
+        while not finished:
             token, dist = await run(lambda: drafter.alone(agreed, params, generator, top))
-            if take([token], [dist]):
-                break
+            finished = take([token], [dist])
     finally:
         await verifier.close()
     tail = detok.flush()
