@@ -1,6 +1,7 @@
 """Draft-verify on the demo pair (shapes-vlm-xs drafting, shapes-vlm-l verifying), CPU, loopback.
 
     python benchmarks/collab/draft_verify.py --out benchmarks/collab/results/draft-verify-cpu.json
+    python benchmarks/collab/draft_verify.py --sections rtt --out benchmarks/collab/results/draft-verify-rtt-cpu.json
 
 1. Lossless, through the product path: the same captions and questions to `edgelmm serve CLOUD`
    (cloud-only greedy) and to `edgelmm collab serve --policy draft-verify` with the native and
@@ -10,8 +11,10 @@
 2. Latency over injected RTTs (0 / 20 / 80 ms): streamed answers, one request at a time,
    alternating, fresh captions, after a warm-up: the cloud alone (straight to `edgelmm serve`,
    the round trip injected by the client-side transport that `collab serve --rtt-ms` uses), and
-   `collab serve --rtt-ms R` with draft-verify (adaptive draft length, streamed round by round)
-   and with the edge alone. Time to first token and to the last, as the client sees them.
+   `collab serve --rtt-ms R` with draft-verify as it runs by default (adaptive draft length,
+   streamed round by round; `draft_when: faster`, so an answer is streamed from the cloud alone
+   while drafting measures slower), with `draft_when: always` (every answer drafted), and with
+   the edge alone. Time to first token and to the last, as the client sees them.
 3. Cloud capacity under 16 concurrent edge clients: each simulated client replays, against the
    cloud's verify route, the exact rounds a real drafter sent for a caption (recorded first, in
    this process, through NativeVerifier; greedy, so they are the rounds a live client sends; the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import re
@@ -103,12 +107,15 @@ async def rtt_sweep(cloud_port: int, rtts: list[float], samples: list, warmup: l
     `collab serve` with draft-verify (streamed round by round) and with the edge alone."""
     out: dict = {}
     cloud_url = f"http://127.0.0.1:{cloud_port}/v1"
+    always = Path(tempfile.mkdtemp()) / "always.yaml"
+    always.write_text("mode: draft_verify\ndraft_when: always\n")
+    policies = {"draft-verify": "draft-verify", "draft-verify-always": str(always), "edge": "edge"}
     for rtt in rtts:
         servers = {}
-        for policy in ("draft-verify", "edge"):
+        for name, policy in policies.items():
             port = free_port()
-            servers[policy] = (port, start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud", cloud_url,
-                                            "--policy", policy, "--rtt-ms", str(rtt)], port))
+            servers[name] = (port, start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud", cloud_url,
+                                          "--policy", policy, "--rtt-ms", str(rtt)], port))
         wan = httpx.AsyncClient(timeout=120, transport=faulty_transport(CloudSettings(cloud_url, rtt_ms=rtt)))
         local = httpx.AsyncClient(timeout=120)
         targets = {"cloud": (wan, cloud_url + "/chat/completions", CLOUD),
@@ -130,8 +137,10 @@ async def rtt_sweep(cloud_port: int, rtts: list[float], samples: list, warmup: l
                 proc.wait(timeout=30)
         here = {p: {k: statistics.median(r[k] for r in rs) for k in ("ttft_ms", "total_ms", "ms_per_token")}
                 for p, rs in rows.items()}
-        here["draft_verify_over_cloud_total"] = here["draft-verify"]["total_ms"] / here["cloud"]["total_ms"]
-        here["draft_verify_over_cloud_ttft"] = here["draft-verify"]["ttft_ms"] / here["cloud"]["ttft_ms"]
+        for name in ("draft-verify", "draft-verify-always"):
+            here[f"{name}_over_cloud_total"] = here[name]["total_ms"] / here["cloud"]["total_ms"]
+            here[f"{name}_over_cloud_ttft"] = here[name]["ttft_ms"] / here["cloud"]["ttft_ms"]
+        here["draft-verify_served_by"] = dict(collections.Counter(r["served_by"] for r in rows["draft-verify"]))
         out[f"{rtt:g}"] = here
         print(json.dumps({f"rtt {rtt:g}": here}), flush=True)
     return out
@@ -210,39 +219,47 @@ def main() -> int:
     parser.add_argument("--capacity-samples", type=int, default=96)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rtts", default="0,20,80")
+    parser.add_argument("--sections", default="lossless,rtt,capacity", help="which of the three to run")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     ports = {"cloud": free_port(), "native": free_port(), "generic": free_port()}
-    policy = Path(tempfile.mkdtemp()) / "generic.yaml"
-    policy.write_text("mode: draft_verify\nprotocol: generic\n")
+    policies = Path(tempfile.mkdtemp())
+    native, generic = policies / "native.yaml", policies / "generic.yaml"  # drafting every answer: what is measured
+    native.write_text("mode: draft_verify\ndraft_when: always\n")
+    generic.write_text("mode: draft_verify\ndraft_when: always\nprotocol: generic\n")
     cloud = start(["serve", CLOUD, "--device", "cpu", "--max-batch-size", str(args.clients)], ports["cloud"])
     procs = [cloud]
     report: dict = {"machine": f"{os.cpu_count()} CPUs", "edge": EDGE, "cloud": CLOUD, "max_tokens": MAX_TOKENS}
     try:
-        procs.append(start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud",
-                            f"http://127.0.0.1:{ports['cloud']}/v1", "--policy", "draft-verify"], ports["native"]))
-        procs.append(start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud",
-                            f"http://127.0.0.1:{ports['cloud']}/v1", "--policy", str(policy)], ports["generic"]))
-        samples = {"captions": generate(args.prompts, seed=31, task="caption"), "vqa": generate(args.prompts, seed=32)}
-        report["lossless"] = lossless(ports, samples)
-        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "differences"} if isinstance(v, dict) else v
-                          for k, v in report["lossless"].items()}, indent=1), flush=True)
-        for proc in procs[1:]:
-            proc.terminate()
-            proc.wait(timeout=30)
-        procs = [cloud]
-        report["rtt_sweep"] = asyncio.run(rtt_sweep(ports["cloud"], [float(r) for r in args.rtts.split(",")],
-                                                    generate(args.rtt_samples, seed=33, task="caption"),
-                                                    generate(5, seed=34, task="caption")))
-        caps = generate(args.capacity_samples, seed=35, task="caption")
-        recorded = asyncio.run(record_rounds(ports["cloud"], caps))
-        report["capacity"] = asyncio.run(capacity(ports["cloud"], caps, recorded, args.clients))
+        if "lossless" in sections:
+            procs.append(start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud",
+                                f"http://127.0.0.1:{ports['cloud']}/v1", "--policy", str(native)], ports["native"]))
+            procs.append(start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud",
+                                f"http://127.0.0.1:{ports['cloud']}/v1", "--policy", str(generic)], ports["generic"]))
+            samples = {"captions": generate(args.prompts, seed=31, task="caption"), "vqa": generate(args.prompts, seed=32)}
+            report["lossless"] = lossless(ports, samples)
+            print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "differences"} if isinstance(v, dict) else v
+                              for k, v in report["lossless"].items()}, indent=1), flush=True)
+            for proc in procs[1:]:
+                proc.terminate()
+                proc.wait(timeout=30)
+            procs = [cloud]
+        if "rtt" in sections:
+            report["rtt_sweep"] = asyncio.run(rtt_sweep(ports["cloud"], [float(r) for r in args.rtts.split(",")],
+                                                        generate(args.rtt_samples, seed=33, task="caption"),
+                                                        generate(8, seed=34, task="caption")))
+        if "capacity" in sections:
+            caps = generate(args.capacity_samples, seed=35, task="caption")
+            recorded = asyncio.run(record_rounds(ports["cloud"], caps))
+            report["capacity"] = asyncio.run(capacity(ports["cloud"], caps, recorded, args.clients))
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({"capacity_ratio": report["capacity"]["throughput_ratio"]}, indent=1))
+    if "capacity" in report:
+        print(json.dumps({"capacity_ratio": report["capacity"]["throughput_ratio"]}, indent=1))
     return 0
 
 

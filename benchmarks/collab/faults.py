@@ -50,14 +50,15 @@ def start(args: list[str], port: int) -> subprocess.Popen:
 
 async def streamed(client: httpx.AsyncClient, url: str, data: dict) -> dict:
     """One streamed chat answer as the client sees it: time to the first content and to the
-    end, its text, and the usage the last chunk reports."""
-    started, first, text, usage = time.perf_counter(), None, "", {}
+    end, its text, the usage the last chunk reports and, from `collab serve`, where it was served."""
+    started, first, text, usage, served = time.perf_counter(), None, "", {}, None
     async with client.stream("POST", url, json={**data, "stream": True, "stream_options": {"include_usage": True}}) as answer:
         async for line in answer.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             usage = chunk.get("usage") or usage
+            served = (chunk.get("edgelmm") or {}).get("served_by", served)
             for choice in chunk.get("choices", []):
                 if choice["delta"].get("content") and first is None:
                     first = time.perf_counter() - started
@@ -65,7 +66,8 @@ async def streamed(client: httpx.AsyncClient, url: str, data: dict) -> dict:
     total = time.perf_counter() - started
     tokens = usage.get("completion_tokens", 0)
     return {"ttft_ms": 1000 * (first or total), "total_ms": 1000 * total, "tokens": tokens, "text": text,
-            "prompt_tokens": usage.get("prompt_tokens", 0), "ms_per_token": 1000 * total / max(tokens, 1)}
+            "prompt_tokens": usage.get("prompt_tokens", 0), "ms_per_token": 1000 * total / max(tokens, 1),
+            "served_by": served}
 
 
 def image_url(image) -> str:

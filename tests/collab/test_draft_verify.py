@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from edgelmm import EdgelmmError, ModelSpec, Request, SamplingParams
+from edgelmm.backends.base import Timings
 from edgelmm.backends.registry import load
 from edgelmm.collab.client import CloudClient, CloudSettings
 from edgelmm.collab.policy import Policy, load_policy
 from edgelmm.collab.router import FALLBACK, Router
-from edgelmm.collab.speculative import Drafter, DraftLength, LocalVerifier, accept, speculate, warp
+from edgelmm.collab.speculative import Drafter, DraftLength, LocalVerifier, accept, speculate, steady_token_s, warp
 from edgelmm.collab.verify import GENERIC, NATIVE, GenericVerifier, NativeVerifier, prepare, probe
 from edgelmm.serve.engine import Engine
 from edgelmm.tasks import get_task
@@ -293,23 +294,32 @@ def test_the_engine_runs_waiting_grouped_calls_together(edge_backend):
 
 
 def test_drafting_is_chosen_only_while_it_measures_faster():
+    def answer(*gaps):  # a first token, then the later ones `gaps` apart (0: in the same round)
+        return Timings(0.05, list(gaps), 0.05 + sum(gaps))
+
+    assert steady_token_s(answer(0.0, 0.0, 0.01, 0.0, 0.01)) == pytest.approx(0.02 / 3)  # 3 tokens after the first round
+    assert steady_token_s(answer(0.0, 0.0)) is None  # everything in one round
     length = DraftLength()
-    assert length.drafts_pay()  # nothing measured: draft first
-    length.update(4, 3, 0.004, 0.100)  # a round costs a long round trip
-    assert length.token_s() is not None and not length.drafts_pay()  # then the cloud alone, once
-    length.observe_cloud(0.002)  # it decodes a token in 2 ms
+    turns = []
+    for _ in range(6):  # until each way is measured on three answers, they take turns
+        drafted = length.drafts_pay()
+        turns.append(drafted)
+        if drafted:  # rounds behind a long round trip (the first one cold)
+            length.observe(answer(0.0, 0.5 if not length.drafted_rates else 0.1, 0.0, 0.1), drafted=True)
+        else:  # the cloud decodes a token in 2 ms
+            length.observe(answer(0.002, 0.002, 0.002), drafted=False)
+    assert turns == [True, False] * 3
     choices = [length.drafts_pay() for _ in range(31)]
     assert choices.count(True) == 2 and choices.count(False) == 29  # every 16th answer explores the other way
-    fast = DraftLength()
-    fast.update(4, 4, 0.0005, 0.003)
-    fast.observe_cloud(0.010)
-    assert fast.drafts_pay()
+    for _ in range(5):  # the link got fast: the median of the last answers follows
+        length.observe(answer(0.0, 0.0, 0.001), drafted=True)
+    assert length.t_drafted == pytest.approx(0.001) and length.drafts_pay()
 
 
 def _slow_link(router: Router) -> None:
     """The router's measurements of a link where drafting does not pay."""
-    router.length.update(4, 2, 0.004, 0.5)
-    router.length.observe_cloud(0.001)
+    router.length.drafted_rates.extend([0.5] * 3)
+    router.length.cloud_rates.extend([0.001] * 3)
     router.length.answers = 1  # not an exploring turn
 
 

@@ -229,6 +229,8 @@ class Router:
         out = await speculate(request, params, drafter, verifier_for(self.protocol, self.cloud), self.length,
                               run_edge=self.edge.call, failures=(CloudError,), first_drafts=first_drafts,
                               on_token=on_token)
+        if first_drafts is None and out.fallback is None:
+            self.length.observe(out.result.timings, drafted=True)
         return self._drafted(out, confidence, edge_s, started)
 
     def _drafted(self, out: Speculated, confidence: float | None, edge_s: float, started: float) -> Routed:
@@ -260,8 +262,8 @@ class Router:
             out = await speculate(request, params, Drafter(edge), _Lost(exc), self.length,
                                   run_edge=self.edge.call, failures=(CloudError,), on_token=on_token, settled=settled)
             return self._drafted(out, confidence, edge_s, started)
-        self.length.observe_cloud(result.timings.tpot_s)
-        rates = f"{1000 * (self.length.token_s() or 0):.2f} ms/token drafted, {1000 * (self.length.t_cloud or 0):.2f} alone"
+        self.length.observe(result.timings, drafted=False)
+        rates = f"{1000 * (self.length.t_drafted or 0):.2f} ms/token drafted, {1000 * (self.length.t_cloud or 0):.2f} alone"
         result.decode_path = "cloud (streamed)"
         return Routed(result, CLOUD, confidence, edge_s, time.perf_counter() - cloud_started, time.perf_counter() - started,
                       0, result.counts.generated_tokens, f"draft-verify: the cloud decoded alone ({rates})")

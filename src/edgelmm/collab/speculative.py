@@ -26,13 +26,16 @@ of a drafted token and of a verify round, it picks the k that maximises expected
 second, (1 - a^(k+1)) / (1 - a) / (k * t_draft + t_round). Drafting does not always pay: each
 round costs a round trip, and a cloud that decodes a token in less time than the link's round
 trip over the tokens a round yields answers sooner alone. `DraftLength.drafts_pay` compares the
-two measured rates per answer (the router then streams the cloud's own answer: the same output).
+two rates measured on recent answers (the router then streams the cloud's own answer: the same
+output).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -49,7 +52,9 @@ from edgelmm.request import Request
 
 Dist = list[tuple[int, float]]  # (token id, log-probability), best first: the top-k at one position
 TOP_K = 20  # alternatives a verifier asks the cloud for when sampling (the OpenAI API's maximum)
-EXPLORE = 16  # DraftLength.drafts_pay: one answer in this many takes the way not chosen
+EXPLORE = 16  # DraftLength.drafts_pay: one answer in this many takes the way not chosen,
+MEASURED = 3  # once each way has been measured on this many answers;
+RATES = 8  # the rates of the last this many answers of each way are kept
 
 
 @dataclass
@@ -116,7 +121,8 @@ class DraftLength:
         self.accepted, self.trials = 2.0, 3.0  # a prior of a = 2/3, outweighed after a few rounds
         self.t_draft: float | None = None
         self.t_round: float | None = None  # a verify round's wall time, the round trip included
-        self.t_cloud: float | None = None  # the cloud's own streamed time per token (observe_cloud)
+        self.drafted_rates: collections.deque[float] = collections.deque(maxlen=RATES)  # observe()
+        self.cloud_rates: collections.deque[float] = collections.deque(maxlen=RATES)
         self.answers = 0
 
     @property
@@ -132,38 +138,54 @@ class DraftLength:
         return max(range(1, self.k_max + 1),
                    key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (k * self.t_draft + self.t_round))  # type: ignore[operator]
 
-    def token_s(self) -> float | None:
-        """Expected seconds per answer token by draft-verify at the best k (None before a round)."""
-        if self.t_draft is None or self.t_round is None:
-            return None
-        a, k = self.rate, self.next()
-        return (k * self.t_draft + self.t_round) / ((1 - a ** (k + 1)) / (1 - a))
+    def observe(self, timings: Timings, drafted: bool) -> None:
+        """An answer's steady time per token, drafted or decoded by the cloud alone (streamed)."""
+        rate = steady_token_s(timings)
+        if rate is not None:
+            (self.drafted_rates if drafted else self.cloud_rates).append(rate)
 
-    def observe_cloud(self, tpot_s: float | None) -> None:
-        """The cloud's own time per token, seen on an answer it decoded alone (streamed)."""
-        if tpot_s is not None:
-            self.t_cloud = tpot_s if self.t_cloud is None else 0.7 * self.t_cloud + 0.3 * tpot_s
+    @property
+    def t_drafted(self) -> float | None:
+        """Seconds per token of recent drafted answers (the median: a cold first one is an outlier)."""
+        return statistics.median(self.drafted_rates) if self.drafted_rates else None
+
+    @property
+    def t_cloud(self) -> float | None:
+        """Seconds per token of recent answers the cloud decoded alone."""
+        return statistics.median(self.cloud_rates) if self.cloud_rates else None
 
     def drafts_pay(self) -> bool:
         """Whether the next answer should be drafted (True) or decoded by the cloud alone (False):
-        by the lower of draft-verify's expected time per token and the cloud's measured one;
-        each is measured once before it is compared, and every EXPLORE-th answer takes the other
-        way so that both follow the link and the cloud's load."""
+        by the lower of the two measured times per token (`observe`). Until each way has MEASURED
+        answers the two take turns; after that every EXPLORE-th answer takes the way not chosen, so
+        that both follow the link and the cloud's load."""
         self.answers += 1
-        drafted = self.token_s()
-        if drafted is None or self.t_cloud is None:
-            return drafted is None  # draft first, then let the cloud decode one alone
-        better = drafted <= self.t_cloud
+        drafted, alone = self.t_drafted, self.t_cloud
+        if drafted is None or alone is None or min(len(self.drafted_rates), len(self.cloud_rates)) < MEASURED:
+            return len(self.drafted_rates) <= len(self.cloud_rates)
+        better = drafted <= alone
         return not better if self.answers % EXPLORE == 0 else better
 
-    def update(self, drafted: int, accepted: int, draft_s: float, round_s: float) -> None:
-        """After a round: `accepted` of `drafted` (a rejection ends a round's acceptance)."""
+    def update(self, drafted: int, accepted: int, draft_s: float, round_s: float | None) -> None:
+        """After a round: `accepted` of `drafted` (a rejection ends a round's acceptance); `round_s`
+        None for a round whose time says nothing of the next ones (it opened a session: the
+        prompt's prefill, which an answer the cloud decodes alone pays too, before its first token)."""
         if drafted:
             self.accepted = self.decay * self.accepted + accepted
             self.trials = self.decay * self.trials + accepted + (1 if accepted < drafted else 0)
             per = draft_s / drafted
             self.t_draft = per if self.t_draft is None else 0.7 * self.t_draft + 0.3 * per
-        self.t_round = round_s if self.t_round is None else 0.7 * self.t_round + 0.3 * round_s
+        if round_s is not None:
+            self.t_round = round_s if self.t_round is None else 0.7 * self.t_round + 0.3 * round_s
+
+
+def steady_token_s(timings: Timings) -> float | None:
+    """Seconds per token after the first tokens an answer got at once (a first round's accepted
+    drafts, a first chunk): the rate at which the rest arrived; None when nothing came later."""
+    gaps = timings.decode_s
+    leading = next((i for i, gap in enumerate(gaps) if gap > 0), len(gaps))
+    later = len(gaps) - leading
+    return sum(gaps) / later if later else None
 
 
 def warp(logprobs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -372,7 +394,7 @@ async def speculate(request: Request, params: SamplingParams, drafter: Drafter, 
             if m < len(drafts):
                 stats.corrections.append(len(agreed) + m)
             if stats.rounds > 1 or not first_drafts:  # the edge's own answer says nothing of the draft length
-                length.update(len(drafts), m, drafted - started, done - drafted)
+                length.update(len(drafts), m, drafted - started, None if verified.prompt else done - drafted)
             before = len(agreed)
             finished = take(drafts[:m] + [token], verified.dists[: m + 1])
             stats.accepted += min(m, len(agreed) - before)  # drafts past the answer's end are not counted
