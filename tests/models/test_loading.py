@@ -93,6 +93,36 @@ def test_images_only_drops_just_the_video_processor():
     assert images_only(InternVLProcessor).get_attributes() == ["image_processor", "tokenizer"]
 
 
+def test_a_processor_remembers_the_pictures_it_processed_last(monkeypatch):
+    """The demo processor (LLaVA): the same picture again is not processed again, and gives the
+    same inputs; another picture, or the same one changed, is processed anew; a processor saved
+    and loaded again is the family's own."""
+    from PIL import Image
+
+    from edgelmm.demo import checkpoint_path
+    from edgelmm.models.processors import MEMO_IMAGES, load_processor
+
+    processor = load_processor(checkpoint_path("shapes-vlm-xs"), "llava", True)
+    inner = type(processor.image_processor)
+    calls = []
+    original = inner.__call__
+    monkeypatch.setattr(inner, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    red, blue = Image.new("RGB", (96, 96), "red"), Image.new("RGB", (96, 96), "blue")
+    text = processor.image_token + " What color?"
+    first = processor(text=[text], images=[red], return_tensors="pt")
+    again = processor(text=[text], images=[red.copy()], return_tensors="pt")
+    assert len(calls) == 1 and torch.equal(first["pixel_values"], again["pixel_values"])
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    processor(text=[text], images=[blue], return_tensors="pt")
+    red.putpixel((0, 0), (0, 0, 0))
+    changed = processor(text=[text], images=[red], return_tensors="pt")
+    assert len(calls) == 3 and not torch.equal(changed["pixel_values"], first["pixel_values"])
+    for i in range(MEMO_IMAGES + 1):  # the oldest are forgotten
+        processor(text=[text], images=[Image.new("RGB", (96, 96), (i, 0, 0))], return_tensors="pt")
+    processor(text=[text], images=[blue], return_tensors="pt")
+    assert len(calls) == 3 + MEMO_IMAGES + 2
+
+
 # ---------------------------------------------------------------- round trip
 
 

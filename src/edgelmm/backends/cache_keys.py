@@ -6,16 +6,10 @@ both reuse a prompt on the same terms: the same text and the same pictures.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-
-def image_hash(image: Any) -> str:
-    """A picture's content hash (its pixels, size and mode)."""
-    digest = hashlib.sha256(f"{getattr(image, 'mode', '')}:{getattr(image, 'size', '')}".encode())
-    digest.update(image.tobytes() if hasattr(image, "tobytes") else bytes(str(image), "utf8"))
-    return digest.hexdigest()[:32]
+from edgelmm.utils.images import image_hash
 
 
 def prompt_keys(ids: Sequence[int], image_mask: Sequence[bool], images: Sequence[Any]) -> list[Hashable]:
