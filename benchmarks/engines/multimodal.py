@@ -45,24 +45,40 @@ TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 REFERENCE = {"onnx int4": "torch w4a16"}  # engines compared with another than torch fp32
 
 
-def engines(model: str, work: Path, threads: int) -> dict[str, tuple[str, ModelSpec]]:
-    """name -> (backend, spec), every export and the AWQ checkpoint made here first."""
+def engines(model: str, work: Path, threads: int, wanted: set[str] | None = None) -> dict[str, tuple[str, ModelSpec]]:
+    """name -> (backend, spec), every export and the AWQ checkpoint made here first (only those
+    of the `wanted` engines, where given)."""
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
     work.mkdir(parents=True, exist_ok=True)
-    projectors = {t: export_mmproj(model, work / f"{model}-mmproj-{t}.gguf", t, overwrite=True).path for t in ("f32", "f16")}
     specs = {"torch fp32": ("torch", ModelSpec(path=model, device="cpu", dtype="float32"))}
+    projectors: dict[str, str] = {}
     for outtype in TYPES:
-        lm = export_gguf(model, work / f"{model}-{outtype}.gguf", outtype, overwrite=True).path
-        projector = projectors["f32" if outtype == "f32" else "f16"]
-        specs[f"llamacpp {outtype}"] = ("llamacpp", ModelSpec(path=str(lm), options={"mmproj": str(projector), "n_threads": threads}))
+        names = [f"llamacpp {outtype}"] + ([f"llamacpp {outtype} flash-attn"] if outtype == "f16" else [])
+        if not any(want(n) for n in names):
+            continue
+        kind = "f32" if outtype == "f32" else "f16"
+        if kind not in projectors:
+            projectors[kind] = str(export_mmproj(model, work / f"{model}-mmproj-{kind}.gguf", kind, overwrite=True).path)
+        lm = str(export_gguf(model, work / f"{model}-{outtype}.gguf", outtype, overwrite=True).path)
+        options = {"mmproj": projectors[kind], "n_threads": threads}
+        specs[names[0]] = ("llamacpp", ModelSpec(path=lm, options=options))
+        if len(names) > 1:  # the language model with llama.cpp's fused attention (the backend's flash_attn option)
+            specs[names[1]] = ("llamacpp", ModelSpec(path=lm, options={**options, "flash_attn": True}))
     onnx = {"threads": threads}
-    specs["onnx fp32"] = ("onnx", ModelSpec(path=str(export_onnx(model, work / f"{model}.onnx", overwrite=True).path), options=onnx))
-    specs["onnx fp32 profiles"] = ("onnx", ModelSpec(path=specs["onnx fp32"][1].path, options={**onnx, "prefill": "profiles"}))
-    awq = AWQConfig(bits=4, group_size=128, calibration=CalibrationConfig(source="shapes"))
-    quantized = quantize_checkpoint(model, work / f"{model}-awq", awq, awq.calibration, "cpu", "float32", True)["out"]
-    specs["torch w4a16"] = ("torch", ModelSpec(path=str(quantized), device="cpu", dtype="float32"))
-    specs["onnx int4"] = ("onnx", ModelSpec(path=str(export_onnx(str(quantized), work / f"{model}-int4.onnx", overwrite=True).path),
-                                            options=onnx))
-    return specs
+    if want("onnx fp32") or want("onnx fp32 profiles"):
+        path = str(export_onnx(model, work / f"{model}.onnx", overwrite=True).path)
+        specs["onnx fp32"] = ("onnx", ModelSpec(path=path, options=onnx))
+        specs["onnx fp32 profiles"] = ("onnx", ModelSpec(path=path, options={**onnx, "prefill": "profiles"}))
+    if want("torch w4a16") or want("onnx int4"):
+        awq = AWQConfig(bits=4, group_size=128, calibration=CalibrationConfig(source="shapes"))
+        quantized = quantize_checkpoint(model, work / f"{model}-awq", awq, awq.calibration, "cpu", "float32", True)["out"]
+        specs["torch w4a16"] = ("torch", ModelSpec(path=str(quantized), device="cpu", dtype="float32"))
+        specs["onnx int4"] = ("onnx", ModelSpec(path=str(export_onnx(str(quantized), work / f"{model}-int4.onnx",
+                                                                     overwrite=True).path), options=onnx))
+    references = {"torch fp32"} | {REFERENCE[w] for w in wanted or () if w in REFERENCE}
+    return {name: spec for name, spec in specs.items() if want(name) or name in references}
 
 
 def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -73,7 +89,8 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     answers: dict[str, list[str]] = {}
     results: dict[str, list[Any]] = {}
     rows: dict[str, dict[str, Any]] = {}
-    for name, (engine, spec) in engines(model, args.work, args.threads).items():
+    wanted = set(args.engines.split(",")) if args.engines else None
+    for name, (engine, spec) in engines(model, args.work, args.threads, wanted).items():
         backend = load(spec, backend=engine)
         with backend:
             answered = [backend.generate([Request.chat(q.question, [q.image])], greedy)[0] for q in questions]
@@ -115,6 +132,7 @@ def main() -> None:
     parser.add_argument("--speed-samples", type=int, default=48)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--engines", default="", help="comma-separated engine names (default: every one); torch fp32 always runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()

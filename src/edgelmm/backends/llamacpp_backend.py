@@ -48,6 +48,10 @@ OPTIONS = {
     "n_batch": 512,
     "n_gpu_layers": 0,  # -1: all layers on the GPU (a CUDA/Metal build of llama-cpp-python)
     "logits_all": False,  # keep every position's logits: needed for prompt log-probabilities
+    # llama.cpp's fused attention in the language model (mtmd picks its own for the vision tower);
+    # off by default: on the demo models' CPU runs it decoded slower, for the same answers
+    # (benchmarks/engines/README.md)
+    "flash_attn": False,
     "seed": 0,
     "mmproj": None,  # the vision tower and projector GGUF (edgelmm export gguf --mmproj): images
     # MiB of prompt states kept in llama-cpp-python's LlamaRAMCache (LRU by bytes): a prompt that
@@ -164,7 +168,7 @@ class LlamaCppBackend(Backend):
         self.llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=min(options["n_ctx"], trained or options["n_ctx"]), n_batch=options["n_batch"],
             n_threads=options["n_threads"] or os.cpu_count(), n_gpu_layers=options["n_gpu_layers"],
-            logits_all=options["logits_all"], seed=options["seed"], verbose=False,
+            logits_all=options["logits_all"], flash_attn=bool(options["flash_attn"]), seed=options["seed"], verbose=False,
         )
         self._llama_cpp, self.spec, self.options = llama_cpp, spec, options
         self._template = self._compile_template(self.llm.metadata.get("tokenizer.chat_template"))
