@@ -316,26 +316,28 @@ def test_drafting_is_chosen_only_while_it_measures_faster():
     assert length.t_drafted == pytest.approx(0.001) and length.drafts_pay()
 
 
-def _slow_link(router: Router) -> None:
-    """The router's measurements of a link where drafting does not pay."""
-    router.length.drafted_rates.extend([0.5] * 3)
-    router.length.cloud_rates.extend([0.001] * 3)
-    router.length.answers = 1  # not an exploring turn
+def _answer_on_a_slow_link(drafter_backend, settings: CloudSettings, request: Request):
+    """One draft-verify answer through a Router that has measured drafting as slower than the
+    cloud alone, and the texts it streamed."""
+    edge = Engine(drafter_backend)
+    shown = []
+
+    async def go():
+        async with CloudClient(settings) as client:
+            router = Router(Policy(mode="draft_verify"), edge, client, NATIVE)
+            router.length.drafted_rates.extend([0.5] * 3)
+            router.length.cloud_rates.extend([0.001] * 3)
+            router.length.answers = 1  # not an exploring turn
+            return await router.answer(request, CAPTION, on_token=lambda e: shown.append(e.text))
+
+    try:
+        return run(go()), shown
+    finally:
+        edge.close()
 
 
 def test_where_drafting_is_slower_the_cloud_streams_its_own_answer(drafter_backend, edge_backend, cloud_url, captions):
-    edge = Engine(drafter_backend)
-    shown = []
-    try:
-        async def go():
-            async with CloudClient(CloudSettings(cloud_url)) as client:
-                router = Router(Policy(mode="draft_verify"), edge, client, NATIVE)
-                _slow_link(router)
-                return await router.answer(captions[2], CAPTION, on_token=lambda e: shown.append(e.text))
-
-        routed = run(go())
-    finally:
-        edge.close()
+    routed, shown = _answer_on_a_slow_link(drafter_backend, CloudSettings(cloud_url), captions[2])
     assert routed.served_by == "cloud" and "decoded alone" in routed.reason and routed.draft is None
     assert routed.result.token_ids == edge_backend.generate([captions[2]], CAPTION)[0].token_ids
     assert len(shown) > 2 and "".join(shown) == routed.result.text
@@ -382,18 +384,10 @@ class _StreamCut:
 
 def test_a_cloud_stream_cut_mid_answer_is_finished_by_the_edge(drafter_backend, cloud, captions):
     proxy = _StreamCut(cloud.url, n=4)  # the role chunk and three tokens
-    edge = Engine(drafter_backend)
-    shown = []
     try:
-        async def go():
-            async with CloudClient(CloudSettings(proxy.url, retries=0, timeout_s=10)) as client:
-                router = Router(Policy(mode="draft_verify"), edge, client, NATIVE)
-                _slow_link(router)
-                return await router.answer(captions[3], CAPTION, on_token=lambda e: shown.append(e.text))
-
-        routed = run(go())
+        routed, shown = _answer_on_a_slow_link(drafter_backend, CloudSettings(proxy.url, retries=0, timeout_s=10),
+                                               captions[3])
     finally:
-        edge.close()
         proxy.server.shutdown()
     assert routed.served_by == FALLBACK and "after 3 agreed tokens" in routed.reason
     assert "".join(shown) == routed.result.text  # nothing shown twice, nothing lost
