@@ -2,6 +2,7 @@
 
     python benchmarks/collab/draft_verify.py --out benchmarks/collab/results/draft-verify-cpu.json
     python benchmarks/collab/draft_verify.py --sections rtt --out benchmarks/collab/results/draft-verify-rtt-cpu.json
+    python benchmarks/collab/draft_verify.py --sections capacity --cloud-device cuda --out capacity-gpu.json  # a GPU cloud
 
 1. Lossless, through the product path: the same captions and questions to `edgelmm serve CLOUD`
    (cloud-only greedy) and to `edgelmm collab serve --policy draft-verify` with the native and
@@ -220,6 +221,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rtts", default="0,20,80")
     parser.add_argument("--sections", default="lossless,rtt,capacity", help="which of the three to run")
+    parser.add_argument("--cloud-device", default="cpu", help="where the cloud server runs its model (cuda: a GPU cloud)")
+    parser.add_argument("--cloud-option", action="append", default=[], help="KEY=VALUE for the cloud's backend (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -228,9 +231,12 @@ def main() -> int:
     native, generic = policies / "native.yaml", policies / "generic.yaml"  # drafting every answer: what is measured
     native.write_text("mode: draft_verify\ndraft_when: always\n")
     generic.write_text("mode: draft_verify\ndraft_when: always\nprotocol: generic\n")
-    cloud = start(["serve", CLOUD, "--device", "cpu", "--max-batch-size", str(args.clients)], ports["cloud"])
+    options = [a for option in args.cloud_option for a in ("--option", option)]
+    cloud = start(["serve", CLOUD, "--device", args.cloud_device, "--max-batch-size", str(args.clients), *options],
+                  ports["cloud"])
     procs = [cloud]
-    report: dict = {"machine": f"{os.cpu_count()} CPUs", "edge": EDGE, "cloud": CLOUD, "max_tokens": MAX_TOKENS}
+    report: dict = {"machine": f"{os.cpu_count()} CPUs", "edge": EDGE, "cloud": CLOUD, "max_tokens": MAX_TOKENS,
+                    "cloud_device": args.cloud_device, "cloud_options": args.cloud_option}
     try:
         if "lossless" in sections:
             procs.append(start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud",
