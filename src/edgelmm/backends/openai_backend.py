@@ -120,6 +120,24 @@ def server_message(response: Any) -> str:
         return response.text[:200]
 
 
+DONE: Any = object()  # sse_chunk: the stream's closing `data: [DONE]`
+
+
+def sse_chunk(line: str) -> Any:
+    """One line of a server-sent event stream: its decoded JSON chunk, DONE at the stream's end,
+    None for a line that carries no data (ValueError for data that is not JSON)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    return DONE if data == "[DONE]" else json.loads(data)
+
+
+def stream_error(chunk: dict[str, Any]) -> str:
+    """The message of an error chunk sent mid-stream."""
+    error = chunk["error"]
+    return str(error.get("message", error) if isinstance(error, dict) else error)
+
+
 class Answer:
     """What the chunks of one answer add up to (streamed chunks, or one whole response)."""
 
@@ -345,16 +363,13 @@ class OpenAIBackend(Backend):
                             continue
                         raise EdgelmmError(f"{url} answered {response.status_code}: {server_message(response)}")
                     for line in response.iter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
+                        chunk = sse_chunk(line)
+                        if chunk is DONE:
                             return
-                        chunk = json.loads(data)
+                        if chunk is None:
+                            continue
                         if "error" in chunk:
-                            error = chunk["error"]
-                            message = error.get("message", error) if isinstance(error, dict) else error
-                            raise EdgelmmError(f"{url} failed mid-stream: {message}")
+                            raise EdgelmmError(f"{url} failed mid-stream: {stream_error(chunk)}")
                         received = True
                         yield chunk
                     return

@@ -33,7 +33,16 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from edgelmm.backends.base import Request, Result
-from edgelmm.backends.openai_backend import RETRY_STATUS, Answer, request_body, server_message, whole_result
+from edgelmm.backends.openai_backend import (
+    DONE,
+    RETRY_STATUS,
+    Answer,
+    request_body,
+    server_message,
+    sse_chunk,
+    stream_error,
+    whole_result,
+)
 from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError, MissingExtraError
 
@@ -336,15 +345,14 @@ class CloudClient:
                         await asyncio.sleep(s.backoff_s * 2**attempt)
                         continue
                     async for line in response.aiter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            return
                         try:
-                            chunk = json.loads(data)
+                            chunk = sse_chunk(line)
+                            if chunk is DONE:
+                                return
+                            if chunk is None:
+                                continue
                             if "error" in chunk:
-                                raise CloudError("broken_stream", f"the cloud failed mid-answer: {chunk['error']}")
+                                raise CloudError("broken_stream", f"the cloud failed mid-answer: {stream_error(chunk)}")
                             take(chunk)
                         except (ValueError, KeyError, TypeError, EdgelmmError) as exc:
                             raise CloudError("bad_response", f"a streamed chunk did not parse: {exc}") from None

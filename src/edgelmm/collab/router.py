@@ -252,9 +252,8 @@ class Router:
             if on_token is not None and text:
                 on_token(TokenEvent(ids[0] if len(ids) == 1 else None, text, None, time.perf_counter() - started))
 
-        cloud_params = params.model_copy(update={"logprobs": False, "top_logprobs": 0})
         try:
-            result = await self.cloud.stream(request, cloud_params, relay)
+            result = await self.cloud.stream(request, _cloud_params(params), relay)
         except CloudError as exc:  # counted as a mid-answer failure, as a draft-verify answer's
             settled, text, edge = exc.partial_ids, exc.partial_text, self.edge.backend
             if text and not settled:  # a server that sends no ids: the edge reads the text (the same tokenizer)
@@ -274,9 +273,8 @@ class Router:
         """The cloud's answer; the edge's (from `edge_answer()`) flagged when the cloud fails."""
         assert self.cloud is not None
         cloud_started = time.perf_counter()
-        cloud_params = params.model_copy(update={"logprobs": False, "top_logprobs": 0})
         try:
-            result = await self.cloud.complete(request, cloud_params)
+            result = await self.cloud.complete(request, _cloud_params(params))
         except CloudError as exc:
             self.metrics.failures.inc(1, exc.reason)
             cloud_s = time.perf_counter() - cloud_started
@@ -310,6 +308,11 @@ class _Lost(Verifier):
 
     async def verify(self, agreed: list[int], drafts: list[int], top: int) -> Verified:
         raise self.error
+
+
+def _cloud_params(params: SamplingParams) -> SamplingParams:
+    """What the cloud is asked for: no log-probabilities (they would be over the cloud's tokens)."""
+    return params.model_copy(update={"logprobs": False, "top_logprobs": 0})
 
 
 async def _ready(result: Result) -> Result:

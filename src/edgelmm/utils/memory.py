@@ -58,7 +58,7 @@ class PeakMemory:
         self._kernel = False
 
     def __enter__(self) -> PeakMemory:
-        global _regions
+        global _regions, _kernel
         if self.device_type == "cuda":
             import torch
 
@@ -66,12 +66,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         with _lock:
-            global _kernel
-            if _kernel is None:  # once: can this process reset and read its peak RSS?
-                _kernel = _reset_peak_rss() and _peak_rss() is not None
-            self._kernel = _kernel
-            if _kernel and _regions == 0:
-                _reset_peak_rss()
+            if _regions == 0 and _kernel is not False:  # the first open region resets the peak
+                reset = _reset_peak_rss()
+                if _kernel is None:  # once: can this process reset and read its peak RSS?
+                    _kernel = reset and _peak_rss() is not None
+            self._kernel = bool(_kernel)
             _regions += 1
         if self._kernel:
             return self
