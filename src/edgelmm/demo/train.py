@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 from transformers import (
@@ -46,7 +47,7 @@ from edgelmm.demo.tokenizer import ASSISTANT, CHAT_TEMPLATE, EOS, IMAGE, USER, b
 from edgelmm.models.llava import LlavaAdapter
 
 PATCH = 8
-IMAGE_TOKENS = (shapes.IMAGE_SIZE // PATCH) ** 2  # CLS is dropped ("default" strategy)
+IMAGE_TOKENS = (shapes.IMAGE_SIZE // PATCH) ** 2  # at full resolution; CLS is dropped ("default" strategy)
 SEED_STRIDE = 10_000_000  # world seeds per run seed: no two run seeds share a batch
 EVAL_SEED = 0
 SELECTION_SEED = 2  # learning curves and the choice between runs; never the recorded results' seed
@@ -72,6 +73,12 @@ class Preset:
     turns: int = 6  # questions per picture (one chat); the image tokens, most of the cost, are shared
     aux_weight: float = 1.0  # training-only perception heads on the projected image tokens
     kind_weights: tuple[float, ...] | None = None  # how often each of shapes.VQA_KINDS is asked; None: evenly
+    image_size: int = shapes.IMAGE_SIZE  # the side the vision tower sees; the processor scales pictures to it
+    patch: int = PATCH  # the vision tower's patch side; image_size / patch must be a multiple of the 3-cell grid
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
 
 
 # The CPU recipe: each fits an hour on a 2-core x86 CPU with bf16 autocast (AVX512-BF16); steps are
@@ -87,6 +94,14 @@ PRESETS: dict[str, Preset] = {
     "shapes-vlm-xs": Preset(vision_hidden=64, vision_layers=2, vision_heads=2,
                             text_hidden=64, text_layers=2, text_heads=2, steps=2000, lr=2e-3, batch_size=16,
                             caption_fraction=0.5),
+    # The edge of the routing demo: trained to convergence, but it looks at a 24-px thumbnail (9
+    # visual tokens) through a vision tower 16 wide. It masters most questions and is unsure where
+    # it fails (mostly which colour belongs to which shape, and places), which is what confidence
+    # routing needs; the under-trained shapes-vlm-xs guesses where it fails. 20.5 minutes on the
+    # 2-core CPU, one thread beside another run (benchmarks/collab/README.md, "Which edge").
+    "shapes-vlm-thumb": Preset(vision_hidden=16, vision_layers=2, vision_heads=2,
+                               text_hidden=64, text_layers=2, text_heads=2, steps=8000, lr=2e-3, batch_size=16,
+                               caption_fraction=0.5, image_size=24),
     "shapes-vlm-l": Preset(vision_hidden=192, vision_layers=4, vision_heads=6,
                            text_hidden=256, text_layers=4, text_heads=8, steps=1205, lr=1e-3, batch_size=32,
                            turns=12, caption_fraction=0.5, aux_weight=3.0),
@@ -97,7 +112,7 @@ def build_model(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaForC
     vision = CLIPVisionConfig(
         hidden_size=preset.vision_hidden, intermediate_size=4 * preset.vision_hidden,
         num_hidden_layers=preset.vision_layers, num_attention_heads=preset.vision_heads,
-        image_size=shapes.IMAGE_SIZE, patch_size=PATCH, projection_dim=preset.vision_hidden,
+        image_size=preset.image_size, patch_size=preset.patch, projection_dim=preset.vision_hidden,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=preset.text_hidden, intermediate_size=3 * preset.text_hidden,
@@ -108,7 +123,7 @@ def build_model(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaForC
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
-        image_seq_length=IMAGE_TOKENS, vision_feature_select_strategy="default",
+        image_seq_length=preset.image_tokens, vision_feature_select_strategy="default",
         vision_feature_layer=-1,  # LLaVA takes the penultimate layer; a 3-4 layer tower has none to spare
     )
     model = LlavaForConditionalGeneration(config)
@@ -119,14 +134,16 @@ def build_model(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaForC
     return model
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    """CLIP preprocessing at 96 px: shapes-world images pass through unchanged, only normalised
-    (which `_normalise` reproduces on the device during training)."""
+def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = shapes.IMAGE_SIZE,
+                    patch: int = PATCH) -> LlavaProcessor:
+    """CLIP preprocessing: at 96 px shapes-world images pass through unchanged, only normalised
+    (which `_normalise` reproduces on the device during training); at a smaller `image_size` they
+    are first scaled down (bicubic, which `encode` reproduces)."""
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": shapes.IMAGE_SIZE}, crop_size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE, image_token=IMAGE,
     )
@@ -140,13 +157,16 @@ def _normalise(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def encode(samples: list[shapes.Sample] | list[shapes.Conversation],
-           tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
+           tokenizer: PreTrainedTokenizerFast, image_size: int = shapes.IMAGE_SIZE,
+           patch: int = PATCH) -> dict[str, torch.Tensor]:
     """Token ids exactly as processor + chat template make them, with labels on the answers only,
     and the per-patch perception labels of `aux_labels`.
 
     A `Sample` is a one-turn conversation. Images stay uint8 here (4× less to move between
-    processes); `_normalise` runs on the device.
+    processes); `_normalise` runs on the device. Below 96 px they are scaled down as the CLIP
+    image processor does it (PIL, bicubic).
     """
+    tokens = (image_size // patch) ** 2
     convs = [c if isinstance(c, shapes.Conversation) else shapes.Conversation(c.image, [(c.question, c.answer, c.kind)], c.shapes)
              for c in samples]
     image_id, eos, pad = tokenizer.convert_tokens_to_ids(IMAGE), tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -158,7 +178,7 @@ def encode(samples: list[shapes.Sample] | list[shapes.Conversation],
         for turn, (question, reply, _) in enumerate(conv.turns):
             text = prompt_text(question) if turn == 0 else f"{USER}\n{question}{EOS}\n{ASSISTANT}\n"
             prompt = tokenizer(text, add_special_tokens=False).input_ids
-            prompt = [t for tok in prompt for t in ([tok] * IMAGE_TOKENS if tok == image_id else [tok])]
+            prompt = [t for tok in prompt for t in ([tok] * tokens if tok == image_id else [tok])]
             target = tokenizer(reply, add_special_tokens=False).input_ids + [eos]
             glue = newline if turn + 1 < len(conv.turns) else []
             ids += prompt + target + glue
@@ -170,28 +190,31 @@ def encode(samples: list[shapes.Sample] | list[shapes.Conversation],
     for row, (ids, labels) in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         label_ids[row, : len(labels)] = torch.tensor(labels)
-    pixels = torch.from_numpy(np.stack([np.asarray(c.image) for c in convs])).permute(0, 3, 1, 2).contiguous()
+    size = (image_size, image_size)
+    images = [c.image if c.image.size == size else c.image.resize(size, Image.Resampling.BICUBIC) for c in convs]
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
     return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(), "labels": label_ids,
-            "pixels": pixels, "aux": aux_labels([c.shapes for c in convs])}
+            "pixels": pixels, "aux": aux_labels([c.shapes for c in convs], image_size // patch)}
 
 
-_SIDE = shapes.IMAGE_SIZE // PATCH  # patches per image side
-_CELL_OF_PATCH = torch.tensor([(r * shapes.GRID // _SIDE) * shapes.GRID + c * shapes.GRID // _SIDE
-                               for r in range(_SIDE) for c in range(_SIDE)])
 AUX_CLASSES = (len(shapes.COLORS) + 1, len(shapes.SHAPES) + 1, shapes.GRID, shapes.GRID)  # colour, shape, row, column
 
 
-def aux_labels(scenes: list[tuple[shapes.Shape, ...]]) -> torch.Tensor:
-    """(batch, image tokens, 4) targets for the training-only perception heads: the colour and
-    shape of the object in the patch's grid cell (0 = empty cell; every shape lies inside its
-    cell), and the cell's row and column."""
+def aux_labels(scenes: list[tuple[shapes.Shape, ...]], side: int = shapes.IMAGE_SIZE // PATCH) -> torch.Tensor:
+    """(batch, side², 4) targets for the training-only perception heads: the colour and shape of
+    the object in the patch's grid cell (0 = empty cell; every shape lies inside its cell), and
+    the cell's row and column. `side`: patches per image side (a multiple of the 3-cell grid)."""
+    if side % shapes.GRID:
+        raise ValueError(f"{side} patches a side do not split into the {shapes.GRID}x{shapes.GRID} grid")
+    cell_of_patch = torch.tensor([(r * shapes.GRID // side) * shapes.GRID + c * shapes.GRID // side
+                                  for r in range(side) for c in range(side)])
     colors, kinds = list(shapes.COLORS), list(shapes.SHAPES)
-    out = torch.zeros(len(scenes), IMAGE_TOKENS, 4, dtype=torch.long)
-    out[:, :, 2] = _CELL_OF_PATCH // shapes.GRID
-    out[:, :, 3] = _CELL_OF_PATCH % shapes.GRID
+    out = torch.zeros(len(scenes), side * side, 4, dtype=torch.long)
+    out[:, :, 2] = cell_of_patch // shapes.GRID
+    out[:, :, 3] = cell_of_patch % shapes.GRID
     for row, scene in enumerate(scenes):
         for s in scene:
-            where = _CELL_OF_PATCH == s.cell
+            where = cell_of_patch == s.cell
             out[row, where, 0] = colors.index(s.color) + 1
             out[row, where, 1] = kinds.index(s.shape) + 1
     return out
@@ -207,7 +230,8 @@ class _Batches(IterableDataset):
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         p = self.preset
-        return encode(shapes.conversations(p.batch_size, self.base + k, p.turns, p.caption_fraction, p.kind_weights), self.tokenizer)
+        return encode(shapes.conversations(p.batch_size, self.base + k, p.turns, p.caption_fraction, p.kind_weights),
+                      self.tokenizer, p.image_size, p.patch)
 
     def __iter__(self):
         info = get_worker_info()
@@ -286,7 +310,7 @@ def train(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFa
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             lm_loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             labels=batch["labels"], pixel_values=_normalise(batch["pixels"], torch.float32)).loss
-            logits = aux_head(projected[0].reshape(-1, IMAGE_TOKENS, aux_head.in_features)).float()
+            logits = aux_head(projected[0].reshape(-1, preset.image_tokens, aux_head.in_features)).float()
         targets = batch["aux"]
         aux_loss = sum(torch.nn.functional.cross_entropy(part.flatten(0, 1), targets[..., i].flatten())
                        for i, part in enumerate(logits.split(AUX_CLASSES, dim=-1))) / len(AUX_CLASSES)
@@ -304,7 +328,7 @@ def train(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFa
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", aux=f"{history[-1]['aux_loss']:.3f}",
                             lr=f"{schedule.get_last_lr()[0]:.2e}")
         if eval_every and (step + 1) % eval_every == 0:
-            curve = evaluate(model, build_processor(tokenizer), shapes.generate(200, SELECTION_SEED, "vqa"))
+            curve = evaluate(model, build_processor(tokenizer, preset.image_size, preset.patch), shapes.generate(200, SELECTION_SEED, "vqa"))
             history.append({"step": step + 1, "vqa": round(curve["accuracy"], 4), "by_kind": curve["by_kind"],
                             "seconds": round(time.perf_counter() - start, 1)})
             print(json.dumps(history[-1]), flush=True)
@@ -382,7 +406,7 @@ def run(name: str, preset: Preset, seed: int, out: Path, device: str, steps: int
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before DataLoader workers fork
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    model, processor = build_model(preset, tokenizer), build_processor(tokenizer)
+    model, processor = build_model(preset, tokenizer), build_processor(tokenizer, preset.image_size, preset.patch)
     params = sum(p.numel() for p in model.parameters())
     bf16 = bf16_autocast_fast(device) if bf16 is None else bf16
     print(f"{name}: {params / 1e6:.2f}M parameters, batches of {preset.batch_size} on {device}"
