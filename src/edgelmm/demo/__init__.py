@@ -1,17 +1,18 @@
-"""The bundled demo: a synthetic shapes world and three tiny LLaVA models trained on it.
+"""The bundled demo: a synthetic shapes world and four tiny LLaVA models trained on it.
 
 The checkpoints are plain Hugging Face folders (LlavaForConditionalGeneration + LlavaProcessor),
 so that everything in edgelmm — backends, pruning, quantization, serving — can
 be run and scored end to end without downloading anything. `shapes-vlm-s` plays the edge
-model, `shapes-vlm-l` the several-times-larger cloud model; `shapes-vlm-xs`, weak on purpose, is
-the edge of the edge-cloud demo, where routing has wrong answers to fix.
+model, `shapes-vlm-l` the several-times-larger cloud model. Two weaker ones serve the edge-cloud
+demo: `shapes-vlm-thumb` looks at a 24-px thumbnail and is unsure where it fails (the routing
+demo's edge), `shapes-vlm-xs` is under-trained (the drafter of the draft-verify figures).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_MODELS = ("shapes-vlm-s", "shapes-vlm-l", "shapes-vlm-xs")
+DEMO_MODELS = ("shapes-vlm-s", "shapes-vlm-l", "shapes-vlm-xs", "shapes-vlm-thumb")
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
 
