@@ -3,7 +3,7 @@ against `edgelmm collab serve --edge EDGE --cloud ... --policy POLICY`, same que
 time, alternating between the two servers, measured by the client (whole request over HTTP).
 
     python benchmarks/collab/overhead.py --policy benchmarks/collab/results/ablate-cpu/policies/shapes-vqa-baseline.yaml \
-        --out benchmarks/collab/results/overhead-cpu.json
+        --edge shapes-vlm-thumb --out benchmarks/collab/results/overhead-cpu.json
 
 Only the requests the policy keeps on the edge are compared (the others wait for the cloud by
 design); the figure is the median of the paired differences, after a warm-up of both servers.
@@ -32,19 +32,20 @@ from edgelmm.serve.server import free_port  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--policy", required=True)
+    parser.add_argument("--edge", default=EDGE, help=f"the edge model (default {EDGE})")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     ports = {"cloud": free_port(), "edge": free_port(), "collab": free_port()}
     procs = [start(["serve", CLOUD, "--device", "cpu"], ports["cloud"]),
-             start(["serve", EDGE, "--device", "cpu"], ports["edge"]),
-             start(["collab", "serve", "--edge", EDGE, "--device", "cpu", "--cloud", f"http://127.0.0.1:{ports['cloud']}/v1",
+             start(["serve", args.edge, "--device", "cpu"], ports["edge"]),
+             start(["collab", "serve", "--edge", args.edge, "--device", "cpu", "--cloud", f"http://127.0.0.1:{ports['cloud']}/v1",
                     "--policy", args.policy], ports["collab"])]
     client = httpx.Client(timeout=60)
 
     def ask(server: str, sample) -> tuple[float, dict]:
-        body = {"model": EDGE, "max_tokens": 16, "temperature": 0, "messages": [{"role": "user", "content": [
+        body = {"model": args.edge, "max_tokens": 16, "temperature": 0, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": image_url(sample.image)}}, {"type": "text", "text": sample.question}]}]}
         started = time.perf_counter()
         answer = client.post(f"http://127.0.0.1:{ports[server]}/v1/chat/completions", json=body).json()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Edge-cloud collaboration on the demo pair (shapes-vlm-xs on the edge, shapes-vlm-l in the cloud),
+# Edge-cloud collaboration on the demo models (shapes-vlm-l in the cloud; shapes-vlm-thumb on the edge for
+# routing, shapes-vlm-xs drafting for draft-verify, the caches and the faults),
 # CPU only, cloud through `edgelmm serve` on loopback. Writes benchmarks/collab/results/.
 #   bash benchmarks/collab/run.sh
 set -euo pipefail
@@ -19,3 +20,7 @@ python benchmarks/collab/overhead.py --policy "$out/ablate-cpu/policies/shapes-v
   --out "$out/overhead-cpu.json" > "$out/overhead-cpu.log"
 # 5. the cloud killed and restarted twice under 16 concurrent clients
 python benchmarks/collab/faults.py --out "$out/faults-cpu.json" > "$out/faults-cpu.log"
+# 6. the routing pair (shapes-vlm-thumb on the edge): its matrix, and what routing costs it
+edgelmm collab ablate configs/experiments/collab_routing.yaml --out "$out/routing-cpu" > "$out/routing-cpu.log" 2>&1
+python benchmarks/collab/overhead.py --policy "$out/routing-cpu/policies/shapes-vqa-baseline.yaml" --edge shapes-vlm-thumb \
+  --out "$out/overhead-routing-cpu.json" > "$out/overhead-routing-cpu.log"

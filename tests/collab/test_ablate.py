@@ -100,3 +100,10 @@ def test_the_bundled_demo_matrix_loads_by_name():
     assert config.presets == ["cloud_only", "edge_only", "baseline", "no_confidence", "draft_verify", "no_draft_verify",
                               "no_kv_cache"]
     assert config.edge.options["prefix_cache_mb"] and config.cloud.serve.options["prefix_cache_mb"]
+
+
+def test_the_bundled_routing_matrix_loads_by_name_with_the_routing_edge():
+    config = load_yaml("collab_routing", AblateConfig)
+    assert config.edge.path == "shapes-vlm-thumb" and config.cloud.serve.path == "shapes-vlm-l"
+    assert config.presets == ["cloud_only", "edge_only", "baseline", "no_confidence"]
+    assert config.calibration.seed != config.tasks[0].seed
