@@ -3,7 +3,8 @@ how well their own confidence finds their mistakes.
 
     python benchmarks/collab/edge_variants.py --out runs/edge-variants [--device cuda] [--variants a,b] [--jobs N]
 
-(`benchmarks/collab/results/edge-variants/` was made on a GPU, `--device cuda --jobs 8`.)
+(`benchmarks/collab/results/edge-variants/`: runs on a lent H200 and on the 2-core CPU; each file
+names the commands that made it.)
 
 Each variant is a `edgelmm.demo.train.Preset` (architecture, picture side, steps), trained from
 scratch with the demo recipe (`python -m edgelmm.demo.train`, run seed 0), then asked 500
