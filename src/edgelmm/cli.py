@@ -316,7 +316,7 @@ def _collab_calibrate(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.overwrite:
         raise EdgelmmError(f"{args.out} already exists", "choose another --out or pass --overwrite")
     policy = calibrate_policy(_edge_spec(args), args.edge_backend, _cloud_settings(args, base), base, task,
-                              args.target_share, args.target_quality, args.out)
+                              args.target_share, args.target_quality, args.out, args.confidence_level)
     fitted = policy.fitted or {}
     print(f"{policy.label()}: cloud share {fitted['cloud_share']:.1%}, accuracy {fitted['accuracy']:.1%} on "
           f"{fitted['samples']} samples of seed {args.seed} (edge alone {fitted['edge_accuracy']:.1%}, "
@@ -498,6 +498,9 @@ def _add_collab_parsers(p: argparse.ArgumentParser) -> None:
     target = cal.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-share", type=float, help="the share of requests the cloud may get (0..1)")
     target.add_argument("--target-quality", type=float, help="the share of the cloud's accuracy to keep (0..1]")
+    cal.add_argument("--confidence-level", type=float,
+                     help="meet the target on this share of bootstrap resamples of the split (e.g. 0.9), "
+                          "so that it holds on new requests too; default: on the split itself")
     cal.add_argument("--max-tokens", type=int, help="answer limit (default: the task's)")
     cal.add_argument("--out", required=True, help="the policy file to write (YAML)")
     cal.add_argument("--overwrite", action="store_true")

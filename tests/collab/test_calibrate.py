@@ -61,3 +61,35 @@ def test_bad_targets():
         calibrate.fit(Policy(), SAMPLES)
     with pytest.raises(Exception, match="outside"):
         calibrate.fit(Policy(), SAMPLES, target_share=1.5)
+    with pytest.raises(Exception, match="confidence level 1.0 is outside"):
+        calibrate.fit(Policy(), SAMPLES, target_quality=0.97, confidence_level=1.0)
+
+
+def _split(n: int, seed: int) -> list[Sample]:
+    """An edge right 80 % of the time whose confidence tells right from wrong only roughly; the
+    cloud right 96 % of the time."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        right = rng.random() < 0.8
+        p = min(0.999, max(0.05, rng.gauss(0.8 if right else 0.5, 0.15)))
+        out.append(sample(p, float(right), float(rng.random() < 0.96)))
+    return out
+
+
+def test_a_confidence_level_trades_cloud_share_for_a_target_that_holds_on_new_splits():
+    calibration, later = _split(400, 0), [_split(400, seed) for seed in range(1, 41)]
+    plain = calibrate.fit(Policy(), calibration, target_quality=0.97)
+    sure = calibrate.fit(Policy(), calibration, target_quality=0.97, confidence_level=0.9)
+    assert sure.fitted["confidence_level"] == 0.9 and "confidence_level" not in plain.fitted
+    assert sure.fitted["cloud_share"] > plain.fitted["cloud_share"]
+
+    def held(policy: Policy) -> int:
+        return sum(calibrate.measure(policy, s)["accuracy"] >= 0.97 * sum(x.cloud_score for x in s) / len(s) for s in later)
+
+    assert held(plain) <= 24 and held(sure) >= 36  # of 40 later splits (measured: 17 and 39)
+    # with a share target, the level keeps the share within it on resamples: a smaller share
+    capped, sure_cap = (calibrate.fit(Policy(), calibration, target_share=0.3, confidence_level=level) for level in (None, 0.9))
+    assert sure_cap.fitted["cloud_share"] < capped.fitted["cloud_share"] <= 0.3

@@ -44,6 +44,13 @@ def test_collab_run_and_calibrate(capsys, tmp_path, cloud_url):
     code, _, err = run(capsys, "collab", "calibrate", "--edge", MODEL, "--cloud", cloud_url, "--samples", "6",
                        "--target-share", "0.5", "--out", str(tmp_path / "p.yaml"))
     assert code == 1 and "already exists" in err
+    code, _, _ = run(capsys, "collab", "calibrate", "--edge", MODEL, "--cloud", cloud_url, "--device", "cpu", "--samples", "6",
+                     "--target-quality", "0.9", "--confidence-level", "0.9", "--out", str(tmp_path / "sure.yaml"))
+    assert code == 0 and load_policy(tmp_path / "sure.yaml").fitted["confidence_level"] == 0.9
+    code, _, err = run(capsys, "collab", "calibrate", "--edge", MODEL, "--cloud", cloud_url, "--samples", "6",
+                       "--target-quality", "0.9", "--confidence-level", "1.5", "--out", str(tmp_path / "bad.yaml"))
+    assert code == 1 and "confidence level 1.5 is outside (0, 1)" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad.yaml").exists()
 
 
 def test_chat_answers_and_says_who(capsys, monkeypatch, tmp_path, cloud_url):

@@ -9,6 +9,7 @@
     strategies: [max_prob, entropy, temperature, top_mass, ensemble]
     policy: {strategy: ensemble, aggregate: mean}     # the baseline's; its threshold is fitted
     calibration: {seed: 1, target_quality: 0.97}      # fitted on this seed, reported on the task's
+                                              # (confidence_level: 0.9 to meet it on 90 % of resamples)
 
 Presets: `cloud_only` (the cloud alone), `edge_only` (the edge alone), `baseline` (everything
 on: routing with the policy fitted on the calibration seed, escalated requests answered by
@@ -75,6 +76,7 @@ class CalibrationSpec(Schema):
     samples: int | None = Field(None, ge=1)  # default: as many as the task's
     target_quality: float | None = Field(None, gt=0, le=1)  # a share of the cloud's accuracy
     target_share: float | None = Field(None, ge=0, le=1)  # a share of requests sent to the cloud
+    confidence_level: float | None = Field(None, gt=0, lt=1)  # met on this share of bootstrap resamples
 
     @model_validator(mode="after")
     def _one_target(self) -> CalibrationSpec:
@@ -121,7 +123,10 @@ def _cells(config: AblateConfig) -> list[dict[str, Any]]:
     settings = _digest({"edge": config.edge.model_dump(), "edge_backend": config.edge_backend,
                         "cloud": config.cloud.model_dump(exclude={"api_key"}), "sampling": config.sampling.model_dump(),
                         "policy": config.policy.model_dump(exclude={"fitted", "threshold", "mode"}),
-                        "calibration": config.calibration.model_dump(), "warmup": config.warmup,
+                        # (a calibration without confidence_level keeps the digest it had before that field)
+                        "calibration": config.calibration.model_dump(exclude={"confidence_level"} if
+                                                                     config.calibration.confidence_level is None else None),
+                        "warmup": config.warmup,
                         "concurrency": config.concurrency})
     cells = []
     for spec in config.tasks:
@@ -188,7 +193,8 @@ def fitted_policies(config: AblateConfig, out: Path, task: str) -> dict[str, Pol
     stem = task.replace(":", "_")
     for spec in dict.fromkeys([*config.strategies, config.policy.strategy]):
         base = config.policy.model_copy(update={"strategy": spec})
-        policies[spec] = calibrate.fit(base, samples, cal.target_share, cal.target_quality, {"task": task, "seed": cal.seed})
+        policies[spec] = calibrate.fit(base, samples, cal.target_share, cal.target_quality, {"task": task, "seed": cal.seed},
+                                       cal.confidence_level)
         strategy = parse_strategy(spec)
         name = strategy.name if str(strategy) == strategy.name else f"{strategy.name}-{_digest(str(strategy))[:6]}"
         save_policy(policies[spec], out / "policies" / f"{stem}-{name}.yaml")
@@ -329,7 +335,9 @@ def write_report(config: AblateConfig, out: Path) -> Path:
              f"; baseline policy `{config.policy.strategy}` [{config.policy.aggregate}], threshold fitted on seed "
              f"{config.calibration.seed} for " + (f"{config.calibration.target_quality:.0%} of the cloud's accuracy"
                                                   if config.calibration.target_quality else
-                                                  f"a cloud share of {config.calibration.target_share:.0%}"), "",
+                                                  f"a cloud share of {config.calibration.target_share:.0%}")
+             + (f" on {config.calibration.confidence_level:.0%} of bootstrap resamples"
+                if config.calibration.confidence_level else ""), "",
              "| split | preset | task | seed | RTT ms | accuracy | cloud share | fallbacks | p50 ms | p90 ms | edge p50 | cloud p50 | cloud tokens |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
