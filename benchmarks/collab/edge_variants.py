@@ -1,13 +1,14 @@
 """Which edge model makes confidence routing work on the demo: train candidate edges and measure
 how well their own confidence finds their mistakes.
 
-    python benchmarks/collab/edge_variants.py --out runs/edge-variants [--device cuda] [--variants a,b] [--jobs N]
+    python benchmarks/collab/edge_variants.py --out runs/edge-variants [--device cuda] [--variants a,b@s1] [--seeds 0,1] [--jobs N]
 
 (`benchmarks/collab/results/edge-variants/`: runs on a lent H200 and on the 2-core CPU; each file
 names the commands that made it.)
 
 Each variant is a `edgelmm.demo.train.Preset` (architecture, picture side, steps), trained from
-scratch with the demo recipe (`python -m edgelmm.demo.train`, run seed 0), then asked 500
+scratch with the demo recipe (`python -m edgelmm.demo.train`, run seed 0 unless `--seeds` names
+others; a run of seed N > 0 is recorded as `variant@sN`), then asked 500
 shapes-vqa questions of seed 1 (calibration) and of seed 0 (test), as is the cloud model
 (`shapes-vlm-l`, bundled). For each, the routing figures of `edgelmm.collab.calibrate` on seed 0
 with the max_prob strategy on the first answer token: the cloud share needed for 97 % and 99 % of
@@ -59,6 +60,22 @@ VARIANTS: dict[str, Preset] = {
     "xs-v16-24-8k": replace(XS, vision_hidden=16, steps=8000, image_size=24),
     "xs-t1-24-8k": replace(XS, text_layers=1, steps=8000, image_size=24),
     "xs-v12-24-8k": replace(XS, vision_hidden=12, steps=8000, image_size=24),
+    # around the bundled shapes-vlm-thumb (xs-v16-24-8k): weaker by one part each
+    "xs-v16-24-6k": replace(XS, vision_hidden=16, steps=6000, image_size=24),
+    "xs-v16-t1-24-8k": replace(XS, vision_hidden=16, text_layers=1, steps=8000, image_size=24),
+    "xs-v16-24-8k-position.2": replace(XS, vision_hidden=16, steps=8000, image_size=24, kind_weights=(1, 1, 1, 0.2, 1)),
+    "xs-v16-12p4-8k": replace(XS, vision_hidden=16, steps=8000, image_size=12, patch=4),
+    "xs-6p2-8k": replace(XS, steps=8000, image_size=6, patch=2),
+    # the thumb recipe with one change of schedule or loss each: which of them keeps a run off the
+    # ~70 % plateau that some seeds of every recipe land on
+    "xs-v16-24-8k-w1500": replace(XS, vision_hidden=16, steps=8000, image_size=24, warmup=1500),
+    "xs-v16-24-8k-lr1e-3": replace(XS, vision_hidden=16, steps=8000, image_size=24, lr=1e-3),
+    "xs-v16-24-8k-aux3": replace(XS, vision_hidden=16, steps=8000, image_size=24, aux_weight=3.0),
+    "xs-v16-24-8k-b32": replace(XS, vision_hidden=16, steps=8000, image_size=24, batch_size=32),
+    "xs-v16-24-12k": replace(XS, vision_hidden=16, steps=12000, image_size=24),
+    "xs-t1-24-8k-w1500": PRESETS["shapes-vlm-thumb-1l"],  # = replace(XS, text_layers=1, steps=8000, image_size=24, warmup=1500)
+    "xs-t1-24-8k-aux3": replace(XS, text_layers=1, steps=8000, image_size=24, aux_weight=3.0),
+    "xs-t1-24-8k-w1500-aux3": replace(XS, text_layers=1, steps=8000, image_size=24, warmup=1500, aux_weight=3.0),
 }
 SEEDS = (1, 0)  # calibration, test
 
@@ -86,16 +103,19 @@ def answers(model, processor) -> dict[str, dict[str, list]]:
     return {str(seed): first_token(model, processor, shapes.generate(500, seed, "vqa")) for seed in SEEDS}
 
 
-def train_variant(name: str, out: Path, device: str, steps: int | None) -> dict:
-    if device != "cpu":
-        torch.set_num_threads(2)  # several variants share the host's cores
+def run_name(name: str, seed: int) -> str:
+    return name if seed == 0 else f"{name}@s{seed}"
+
+
+def train_variant(name: str, seed: int, out: Path, device: str, steps: int | None, threads: int) -> dict:
+    torch.set_num_threads(threads)  # several variants share the host's cores
     preset = VARIANTS[name] if steps is None else replace(VARIANTS[name], steps=steps)
-    record = run(name, preset, 0, out / name, device, steps=preset.steps, eval_samples=100)
+    record = run(name, preset, seed, out / run_name(name, seed), device, steps=preset.steps, eval_samples=100)
     from transformers import LlavaForConditionalGeneration
 
     from edgelmm.demo.tokenizer import build_tokenizer
-    model = LlavaForConditionalGeneration.from_pretrained(out / name).to(device)
-    return {"preset": record["preset"], "train_seconds": record["train_seconds"], "device": record["device"],
+    model = LlavaForConditionalGeneration.from_pretrained(out / run_name(name, seed)).to(device)
+    return {"seed": seed, "preset": record["preset"], "train_seconds": record["train_seconds"], "device": record["device"],
             "parameters": record["parameters"], "answers": answers(model, build_processor(build_tokenizer(), preset.image_size, preset.patch))}
 
 
@@ -122,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0", help="training seeds for each variant not named as VARIANT@sN")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--steps", type=int, help="override every variant's steps (a smoke test)")
     args = parser.parse_args(argv)
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    runs = [(n.split("@s")[0], int(n.split("@s")[1])) if "@s" in n else (n, seed)
+            for n in args.variants.split(",") for seed in ([0] if "@s" in n else seeds)]
+    unknown = [n for n, _ in runs if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -135,16 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     cloud_path = checkpoint_path("shapes-vlm-l")
     cloud = answers(LlavaForConditionalGeneration.from_pretrained(cloud_path).to(args.device), LlavaProcessor.from_pretrained(cloud_path))
     results: dict[str, dict] = {"cloud": {"model": "shapes-vlm-l", "answers": cloud}}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    kinds = [s.kind for s in shapes.generate(500, SEEDS[1], "vqa")]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(train_variant, n, args.out, args.device, args.steps): n for n in names}
+        futures = {pool.submit(train_variant, n, seed, args.out, args.device, args.steps, threads): run_name(n, seed)
+                   for n, seed in dict.fromkeys(runs)}
         for future in as_completed(futures):
             name = futures[future]
             results[name] = future.result()
             a = results[name]["answers"]
             results[name]["routing"] = routing(a["0"], cloud["0"], (a["1"], cloud["1"]))
-            edge_acc = sum(a["0"]["correct"]) / 500
-            print(json.dumps({"variant": name, "edge_accuracy": edge_acc, "train_seconds": results[name]["train_seconds"],
-                              **results[name]["routing"]}), flush=True)
+            by_kind = {k: sum(c for c, kind in zip(a["0"]["correct"], kinds) if kind == k) / kinds.count(k) for k in shapes.VQA_KINDS}
+            print(json.dumps({"variant": name, "edge_accuracy": sum(a["0"]["correct"]) / 500, "by_kind": by_kind,
+                              "train_seconds": results[name]["train_seconds"], **results[name]["routing"]}), flush=True)
             (args.out / "variants.json").write_text(json.dumps(results, indent=1))
     return 0
 

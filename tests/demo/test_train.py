@@ -1,9 +1,11 @@
 """The training-side encoding agrees with the processor and chat template a user runs, and training
-steps learn in both precisions."""
+steps learn in both precisions, and a saved checkpoint is readable as any new file is."""
 
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from edgelmm.demo.train import (
     build_model,
     build_processor,
     encode,
+    save,
     train,
 )
 
@@ -98,3 +101,18 @@ def test_a_few_training_steps_lower_the_loss_in_fp32_and_bf16_autocast(bf16):
 def test_bf16_autocast_is_chosen_on_cuda_and_only_where_the_cpu_has_bf16_instructions():
     assert bf16_autocast_fast("cuda") is True
     assert bf16_autocast_fast("cpu") is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_a_saved_checkpoint_has_the_modes_the_users_umask_gives(tmp_path):
+    tokenizer = build_tokenizer()
+    preset = Preset(vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1, text_heads=2,
+                    steps=1, lr=1e-3, image_size=24)
+    old = os.umask(0o002)
+    try:
+        save(build_model(preset, tokenizer), build_processor(tokenizer, 24), tmp_path / "ckpt", {"name": "t"})
+    finally:
+        os.umask(old)
+    items = [tmp_path / "ckpt", *(tmp_path / "ckpt").iterdir()]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in items if p.is_file()} == {0o664}
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o775
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file() and not list(tmp_path.glob(".ckpt*"))
