@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Edge-cloud collaboration on the demo models (shapes-vlm-l in the cloud; shapes-vlm-thumb on the edge for
-# routing, shapes-vlm-xs drafting for draft-verify, the caches and the faults),
+# Edge-cloud collaboration on the demo models (shapes-vlm-l in the cloud; shapes-vlm-thumb-1l and
+# shapes-vlm-thumb on the edge for routing, shapes-vlm-xs drafting for draft-verify, the caches and the faults),
 # CPU only, cloud through `edgelmm serve` on loopback. Writes benchmarks/collab/results/.
 #   bash benchmarks/collab/run.sh
 set -euo pipefail
@@ -24,3 +24,8 @@ python benchmarks/collab/faults.py --out "$out/faults-cpu.json" > "$out/faults-c
 edgelmm collab ablate configs/experiments/collab_routing.yaml --out "$out/routing-cpu" > "$out/routing-cpu.log" 2>&1
 python benchmarks/collab/overhead.py --policy "$out/routing-cpu/policies/shapes-vqa-baseline.yaml" --edge shapes-vlm-thumb \
   --out "$out/overhead-routing-cpu.json" > "$out/overhead-routing-cpu.log"
+# 7. the routing pair at <= 85 % of the cloud (shapes-vlm-thumb-1l on the edge); the same matrix with the
+#    plain fit (no confidence_level) went into routing-1l-plain-cpu
+edgelmm collab ablate configs/experiments/collab_routing_1l.yaml --out "$out/routing-1l-cpu" > "$out/routing-1l-cpu.log" 2>&1
+python benchmarks/collab/overhead.py --policy "$out/routing-1l-cpu/policies/shapes-vqa-baseline.yaml" --edge shapes-vlm-thumb-1l \
+  --out "$out/overhead-routing-1l-cpu.json" > "$out/overhead-routing-1l-cpu.log"

@@ -195,7 +195,7 @@ def test_bundled_experiment_configs_load_by_name_from_any_folder(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     assert load_yaml("configs/experiments/demo.yaml", BenchConfig).name == "demo"
     assert load_yaml("demo", BenchConfig).name == "demo"
-    with pytest.raises(EdgelmmError, match="config file not found: nope.*bundled experiments configs: collab_demo, collab_routing, demo"):
+    with pytest.raises(EdgelmmError, match="config file not found: nope.*bundled experiments configs: collab_demo, collab_routing, collab_routing_1l, demo"):
         load_yaml("nope", BenchConfig)
 
 

@@ -102,8 +102,11 @@ def test_the_bundled_demo_matrix_loads_by_name():
     assert config.edge.options["prefix_cache_mb"] and config.cloud.serve.options["prefix_cache_mb"]
 
 
-def test_the_bundled_routing_matrix_loads_by_name_with_the_routing_edge():
-    config = load_yaml("collab_routing", AblateConfig)
-    assert config.edge.path == "shapes-vlm-thumb" and config.cloud.serve.path == "shapes-vlm-l"
+@pytest.mark.parametrize("name, edge, level", [("collab_routing", "shapes-vlm-thumb", None),
+                                               ("collab_routing_1l", "shapes-vlm-thumb-1l", 0.9)])
+def test_the_bundled_routing_matrices_load_by_name_with_their_routing_edges(name, edge, level):
+    config = load_yaml(name, AblateConfig)
+    assert config.edge.path == edge and config.cloud.serve.path == "shapes-vlm-l"
+    assert config.calibration.confidence_level == level
     assert config.presets == ["cloud_only", "edge_only", "baseline", "no_confidence"]
     assert config.calibration.seed != config.tasks[0].seed
