@@ -71,8 +71,6 @@ VARIANTS: dict[str, Preset] = {
     "xs-v16-24-8k-w1500": replace(XS, vision_hidden=16, steps=8000, image_size=24, warmup=1500),
     "xs-v16-24-8k-lr1e-3": replace(XS, vision_hidden=16, steps=8000, image_size=24, lr=1e-3),
     "xs-v16-24-8k-aux3": replace(XS, vision_hidden=16, steps=8000, image_size=24, aux_weight=3.0),
-    "xs-v16-24-8k-b32": replace(XS, vision_hidden=16, steps=8000, image_size=24, batch_size=32),
-    "xs-v16-24-12k": replace(XS, vision_hidden=16, steps=12000, image_size=24),
     "xs-t1-24-8k-w1500": PRESETS["shapes-vlm-thumb-1l"],  # = replace(XS, text_layers=1, steps=8000, image_size=24, warmup=1500)
     "xs-t1-24-8k-aux3": replace(XS, text_layers=1, steps=8000, image_size=24, aux_weight=3.0),
     "xs-t1-24-8k-w1500-aux3": replace(XS, text_layers=1, steps=8000, image_size=24, warmup=1500, aux_weight=3.0),

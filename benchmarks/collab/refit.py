@@ -25,11 +25,9 @@ def refit(config: ablate.AblateConfig, out: Path, targets: list[float], level: f
     records = [r for _, r in read_jsonl_records(out / ablate.RESULTS)]
     rows = []
     for task in dict.fromkeys(r["task"] for r in records):
-        cells = {(r["split"], r["preset"]): r for r in records if r["task"] == task and r["rtt_ms"] == 0}
-        fit_on = calibrate.samples_from(ablate.rows_of(out, cells["calibration", "edge_only"]),
-                                        ablate.rows_of(out, cells["calibration", "cloud_only"]))
-        test = calibrate.samples_from(ablate.rows_of(out, cells["test", "edge_only"]),
-                                      ablate.rows_of(out, cells["test", "cloud_only"]))
+        fit_on, test = (ablate.split_samples(out, records, task, split) for split in ("calibration", "test"))
+        if fit_on is None or test is None:
+            raise SystemExit(f"{out}: the edge-only and cloud-only cells of {task} are not all finished")
         cloud = sum(s.cloud_score for s in test) / len(test)
         for spec in dict.fromkeys([*config.strategies, config.policy.strategy]):
             base = config.policy.model_copy(update={"strategy": spec})

@@ -181,13 +181,20 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def split_samples(out: Path, records: list[dict[str, Any]], task: str, split: str) -> list[calibrate.Sample] | None:
+    """A split's samples as the edge alone and the cloud alone answered them (RTT 0), or None
+    while either cell is unfinished."""
+    cells = {r["preset"]: r for r in records if r["split"] == split and r["task"] == task and r["rtt_ms"] == 0}
+    if "edge_only" not in cells or "cloud_only" not in cells:
+        return None
+    return calibrate.samples_from(rows_of(out, cells["edge_only"]), rows_of(out, cells["cloud_only"]))
+
+
 def fitted_policies(config: AblateConfig, out: Path, task: str) -> dict[str, Policy]:
     """Each strategy's policy, fitted on the task's calibration runs (also saved under policies/)."""
-    records = {(r["split"], r["preset"], r["task"]): r for r in _read(out)}
-    edge, cloud = records.get(("calibration", "edge_only", task)), records.get(("calibration", "cloud_only", task))
-    if edge is None or cloud is None:
+    samples = split_samples(out, _read(out), task, "calibration")
+    if samples is None:
         return {}
-    samples = calibrate.samples_from(rows_of(out, edge), rows_of(out, cloud))
     cal = config.calibration
     policies = {}
     stem = task.replace(":", "_")
@@ -265,10 +272,9 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 1, unit: str = "") -> str
 
 def _strategy_rows(config: AblateConfig, out: Path, task: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per strategy: its curve on the test seed and its calibration-seed threshold applied there."""
-    test = {r["preset"]: r for r in records if r["split"] == "test" and r["task"] == task and r["rtt_ms"] == 0}
-    if "edge_only" not in test or "cloud_only" not in test:
+    samples = split_samples(out, records, task, "test")
+    if samples is None:
         return []
-    samples = calibrate.samples_from(rows_of(out, test["edge_only"]), rows_of(out, test["cloud_only"]))
     policies = fitted_policies(config, out, task)
     rows = []
     for spec in dict.fromkeys([*config.strategies, config.policy.strategy]):

@@ -162,10 +162,10 @@ def _meets_target(conf: Sequence[float], samples: Sequence[Sample], routes: Curv
     import numpy as np
 
     counts = np.random.default_rng(0).multinomial(n, np.full(n, 1 / n), size=RESAMPLES).astype(np.float64)
-    cloud = np.array([s.cloud_score for s in samples])
-    gain = cloud - np.array([s.edge_score for s in samples])
-    order = sorted(range(n), key=lambda i: conf[i])
-    accuracy, sent = counts @ (cloud - gain), np.zeros(RESAMPLES)  # per resample: totals, edge alone
+    edge, cloud = np.array([s.edge_score for s in samples]), np.array([s.cloud_score for s in samples])
+    gain = cloud - edge
+    order = sorted(range(n), key=lambda i: conf[i])  # as `curve` sends them
+    accuracy, sent = counts @ edge, np.zeros(RESAMPLES)  # per resample: total score (edge alone), sent
     cloud_total, done, meets = counts @ cloud, 0, []
     for share in routes.shares:
         k = round(share * n)
@@ -192,7 +192,7 @@ def fit(base: Policy, samples: Sequence[Sample], target_share: float | None = No
     points = list(zip(routes.shares, routes.accuracies, routes.thresholds))
     meets = _meets_target(conf, samples, routes, target_share, target_quality, confidence_level)
     if target_share is not None:
-        share, accuracy, threshold = ([p for p, ok in zip(points, meets) if ok] or points[:1])[-1]
+        share, accuracy, threshold = [p for p, ok in zip(points, meets) if ok][-1]  # share 0 always meets
     else:
         share, accuracy, threshold = next((p for p, ok in zip(points, meets) if ok), points[-1])
     fitted = {"samples": len(samples), "target_share": target_share, "target_quality": target_quality,
