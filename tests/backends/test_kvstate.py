@@ -59,6 +59,36 @@ def test_many_states_in_one_pass_equal_each_alone(backend):
     torch.testing.assert_close(runner.extend(a, [9]), runner.extend(alone_a, [9]), atol=1e-5, rtol=1e-4)
 
 
+def test_openings_together_equal_each_alone(backend):
+    """Same-length prompts are prefilled in one pass; others alone; a bad one fails alone."""
+    runner = backend.kv_runner()
+    requests = [ask(backend), ask(backend, "What color is the square?"), ask(backend, "How many shapes are there here?"),
+                ask(backend)]
+    tokens = [[5, 9], [5, 9], [], [10**9]]
+    opened = runner.open_many(requests, tokens)
+    assert isinstance(opened[3], EdgelmmError)  # an id outside the vocabulary: that request alone
+    for request, extra, (state, rows) in zip(requests, tokens, opened[:3]):
+        alone, alone_rows = runner.open(request, extra)
+        assert state.ids == alone.ids and state.prompt_tokens == alone.prompt_tokens
+        torch.testing.assert_close(rows, alone_rows, atol=1e-5, rtol=1e-4)
+        assert state.cache.get_seq_length() == len(state.ids) and state.cache.layers[0].keys.shape[0] == 1
+        # and the state goes on as one opened alone
+        torch.testing.assert_close(runner.extend(state, [11]), runner.extend(alone, [11]), atol=1e-5, rtol=1e-4)
+
+
+def test_openings_together_fill_the_prefix_cache(tmp_path):
+    path = save_tiny("llava", tmp_path / "model")
+    engine = load(ModelSpec(path=str(path), device="cpu", options={"prefix_cache_mb": 16}))
+    runner, cache = engine.kv_runner(), engine.prefix_cache
+    first, second = ask(engine), ask(engine, "What color is the square?")
+    runner.open_many([first, second], [[], []])
+    assert cache.stats()["misses"] == 2 and cache.stats()["blocks"] > 0
+    state, rows = runner.open(second, [4])  # all but its last block comes from the tree
+    assert cache.stats()["hits"] == 1
+    alone = load(ModelSpec(path=str(path), device="cpu")).kv_runner().open(second, [4])
+    torch.testing.assert_close(rows, alone[1], atol=1e-5, rtol=1e-4)
+
+
 def test_a_pruned_model_keeps_no_state(tmp_path):
     path = save_tiny("llava", tmp_path / "model")
     engine = load(ModelSpec(path=str(path), device="cpu", methods=["fastv(k=1, keep=0.5)"]))

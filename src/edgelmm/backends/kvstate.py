@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from edgelmm.backends.prefix_cache import cached_forward, output_cache
+from edgelmm.backends.prefix_cache import forward_from, insert, lookup, output_cache
 from edgelmm.errors import EdgelmmError
 
 
@@ -78,39 +78,90 @@ class KVRunner:
         forward = inspect.signature(self.language_model.forward).parameters
         self.cache_argument = "cache" if "cache" in forward else "past_key_values"
 
-    @torch.inference_mode()
     def open(self, request: Any, tokens: list[int] | tuple[int, ...] = ()) -> tuple[KVState, torch.Tensor]:
         """Prefill `request`'s prompt, and `tokens` after it, in one forward pass: the new state
         and the next-token logits after the prompt and after each of `tokens` [1 + len(tokens), vocab]."""
-        backend = self.backend
-        inputs = backend.prepare_inputs([request], None)
-        prompt = inputs["input_ids"].shape[1]
-        if tokens:
-            self.adapter.check_token_ids(list(tokens))
-            inputs = self.adapter.append_tokens(inputs, torch.tensor(list(tokens), device=self.device))
+        [opened] = self.open_many([request], [tokens])
+        if isinstance(opened, BaseException):
+            raise opened
+        return opened
+
+    @torch.inference_mode()
+    def open_many(self, requests: list[Any], tokens: list[list[int] | tuple[int, ...]]) -> list[Any]:
+        """`open` for several requests, each answered by its (state, rows) or by the exception
+        that stopped it alone. Prompts the prefix cache does not hold and whose inputs have the
+        same length are prefilled together, in one forward pass with no padding."""
+        out: list[Any] = [None] * len(requests)
+        prefix = self.backend.prefix_cache
+        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, torch.Tensor], int, Any]]] = {}
+        for i, (request, extra) in enumerate(zip(requests, tokens)):
+            try:
+                inputs = self.backend.prepare_inputs([request], None)
+                prompt = inputs["input_ids"].shape[1]
+                if extra:
+                    self.adapter.check_token_ids(list(extra))
+                    inputs = self.adapter.append_tokens(inputs, torch.tensor(list(extra), device=self.device))
+                keys, hit = (None, None) if prefix is None else lookup(self.adapter, inputs, prefix,
+                                                                        request.all_images(), prompt)
+                if hit is not None and hit.tokens:  # its own pass, on top of what is cached
+                    out[i] = self._prefill([inputs], [prompt], len(extra) + 1, hit)[0]
+                    continue
+                shape = tuple((k, tuple(v.shape)) for k, v in inputs.items() if isinstance(v, torch.Tensor))
+                groups.setdefault((shape, prompt), []).append((i, inputs, prompt, keys))
+            except Exception as exc:  # noqa: BLE001  (this request's error, answered to it alone)
+                out[i] = exc
+        for (_, prompt), group in groups.items():
+            try:
+                rows = self._prefill([inputs for _, inputs, _, _ in group], [prompt] * len(group),
+                                     group[0][1]["input_ids"].shape[1] - prompt + 1, None)
+            except Exception as exc:  # noqa: BLE001
+                rows = [exc] * len(group)
+            for (i, _, _, keys), opened in zip(group, rows):
+                out[i] = opened
+                if prefix is not None and not isinstance(opened, BaseException):
+                    insert(prefix, keys, opened[0].cache, prompt)
+        return out
+
+    def _prefill(self, inputs: list[dict[str, torch.Tensor]], prompts: list[int], keep: int, hit: Any) -> list[Any]:
+        """One forward pass over same-length inputs (on top of `hit`, for one input): a state and
+        its last `keep` rows of logits per input."""
         seen: dict[str, Any] = {}
 
         def note_positions(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             seen.setdefault("positions", kwargs.get("position_ids"))
 
+        batch = self.adapter.collate(inputs)
         hook = self.language_model.register_forward_pre_hook(note_positions, with_kwargs=True)
         try:
-            with backend.attention():
-                out, _ = cached_forward(self.model, self.adapter, inputs, backend.prefix_cache, request.all_images(),
-                                        prompt_tokens=prompt, logits_to_keep=len(tokens) + 1)
+            with self.backend.attention():
+                if hit is None:
+                    out = self.model(**batch, use_cache=True, logits_to_keep=keep)
+                else:
+                    out = forward_from(self.model, self.adapter, batch, hit, logits_to_keep=keep)
         finally:
             hook.remove()
-        ids = inputs["input_ids"][0].tolist()
         cache = output_cache(out)
-        if cache.get_seq_length() != len(ids):
-            raise EdgelmmError(f"{backend.spec.display_name}: its prefill keeps {cache.get_seq_length()} of "
-                               f"{len(ids)} prompt tokens (visual-token pruning), and a kept KV state needs them all",
+        length = batch["input_ids"].shape[1]
+        if cache.get_seq_length() != length:
+            raise EdgelmmError(f"{self.backend.spec.display_name}: its prefill keeps {cache.get_seq_length()} of "
+                               f"{length} prompt tokens (visual-token pruning), and a kept KV state needs them all",
                                "load the model without pruning methods for draft-verify and KV caches")
         positions = seen.get("positions")
-        start = positions[..., prompt - 1: prompt] + 1 if isinstance(positions, torch.Tensor) else torch.full(
-            (1, 1), prompt, device=self.device, dtype=torch.long)
-        rows = out.logits[0].float()
-        return KVState(ids, prompt, cache, start, rows[-1], rows[0]), rows
+        opened = []
+        for b, prompt in enumerate(prompts):
+            row: Any = cache
+            if len(inputs) > 1:
+                row = DynamicCache()
+                for layer, kept in enumerate(cache.layers):
+                    row.update(kept.keys[b: b + 1].clone(), kept.values[b: b + 1].clone(), layer)
+            if isinstance(positions, torch.Tensor):  # [..., B or 1, L]: the positions the model laid out
+                at = min(b, positions.shape[-2] - 1)
+                start = positions[..., at: at + 1, prompt - 1: prompt] + 1
+            else:
+                start = torch.full((1, 1), prompt, device=self.device, dtype=torch.long)
+            rows = out.logits[b].float()
+            opened.append((KVState(batch["input_ids"][b].tolist(), prompt, row, start, rows[-1], rows[0]), rows))
+        return opened
 
     @torch.inference_mode()
     def extend(self, state: KVState, tokens: list[int]) -> torch.Tensor:

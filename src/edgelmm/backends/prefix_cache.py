@@ -25,6 +25,7 @@ an edge device's cached conversations survive a restart.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 from collections.abc import Hashable, Sequence
@@ -222,8 +223,18 @@ class PrefixCache:
         return len(tree)
 
 
+@dataclass
+class TextOutput:
+    """What `forward_from` returns for a text-only rest: the fields prefill readers use."""
+
+    logits: torch.Tensor
+    cache: Any
+
+
 def output_cache(out: Any) -> Any:
     """The KV cache a model's forward returned (transformers names it `cache` or `past_key_values`)."""
+    if isinstance(out, TextOutput):
+        return out.cache
     return next(out[k] for k in ("cache", "past_key_values") if k in out and out[k] is not None)
 
 
@@ -237,33 +248,52 @@ def mrope(text_config: Any) -> bool:
 
 
 def cached_forward(model: Any, adapter: Any, inputs: dict[str, Any], prefix: PrefixCache | None, images: Sequence[Any],
-                   prompt_tokens: int | None = None, **kwargs: Any) -> tuple[Any, int]:
-    """`model(**inputs, use_cache=True, **kwargs)` through the prefix cache (a batch of one): the
-    longest cached head reused, only the rest prefilled, the prompt's new blocks added. Returns
-    the output (its cache covers the whole prompt) and the prompt tokens that came from the cache.
-    Only the first `prompt_tokens` positions (default: all) are looked up and added: tokens
-    appended after a prompt (a verify round's drafts) are read but not cached."""
-    ids = inputs["input_ids"]
-    if prefix is None or ids.shape[0] != 1:
-        return model(**inputs, use_cache=True, **kwargs), 0
-    length = ids.shape[1]
-    mask = adapter.image_token_mask(ids)[0].tolist()
-    keys = prompt_keys(ids[0].tolist(), mask, images)[: prompt_tokens or length]
-    hit = prefix.lookup(keys, mask[: len(keys)])
-    if hit.tokens == 0:
-        out = model(**inputs, use_cache=True, **kwargs)
-    else:
-        images_cached = any(mask) and hit.tokens > max(i for i, m in enumerate(mask) if m)
-        rest: dict[str, Any] = {}
-        for key, value in inputs.items():
-            if key == "attention_mask":
-                rest[key] = value
-            elif isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (1, length):
-                rest[key] = value[:, hit.tokens:]
-            elif not images_cached:  # pixel values and their sizes: the images are still to be read
-                rest[key] = value
-        out = model(**rest, use_cache=True, cache=hit.cache(), **kwargs)
-    cache = output_cache(out)
-    if cache.get_seq_length() == length:  # not under a pruning method that dropped tokens
-        prefix.insert(keys, cache)
+                   prompt_tokens: int | None = None, logits_to_keep: int = 0) -> tuple[Any, int]:
+    """`model(**inputs, use_cache=True, logits_to_keep=...)` through the prefix cache (a batch of
+    one): the longest cached head reused, only the rest prefilled, the prompt's new blocks added.
+    Returns the output (its cache covers the whole prompt) and the prompt tokens that came from
+    the cache. Only the first `prompt_tokens` positions (default: all) are looked up and added:
+    tokens appended after a prompt (a verify round's drafts) are read but not cached."""
+    if prefix is None or inputs["input_ids"].shape[0] != 1:
+        return model(**inputs, use_cache=True, logits_to_keep=logits_to_keep), 0
+    keys, hit = lookup(adapter, inputs, prefix, images, prompt_tokens)
+    out = forward_from(model, adapter, inputs, hit, logits_to_keep)
+    insert(prefix, keys, output_cache(out), inputs["input_ids"].shape[1])
     return out, hit.tokens
+
+
+def lookup(adapter: Any, inputs: dict[str, Any], prefix: PrefixCache, images: Sequence[Any],
+           prompt_tokens: int | None = None) -> tuple[list[Hashable], Hit]:
+    """A one-request input's prompt keys (its first `prompt_tokens` positions) and what `prefix` holds of them."""
+    ids = inputs["input_ids"]
+    mask = adapter.image_token_mask(ids)[0].tolist()
+    keys = prompt_keys(ids[0].tolist(), mask, images)[: prompt_tokens or ids.shape[1]]
+    return keys, prefix.lookup(keys, mask[: len(keys)])
+
+
+def forward_from(model: Any, adapter: Any, inputs: dict[str, Any], hit: Hit, logits_to_keep: int = 0) -> Any:
+    """The model's forward over a one-request input on top of `hit` (nothing cached: the whole
+    prompt). Where the cached head holds every image, the rest is text alone and goes straight
+    through the adapter's language model and lm_head (as decode steps do), without the family's
+    outer forward and its image handling."""
+    if hit.tokens == 0:
+        return model(**inputs, use_cache=True, logits_to_keep=logits_to_keep)
+    ids = inputs["input_ids"]
+    length = ids.shape[1]
+    if not adapter.image_token_mask(ids[:, hit.tokens:]).any():  # a hit never ends inside the images
+        language_model, cache = adapter.language_model(), hit.cache()
+        argument = "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+        hidden = language_model(input_ids=ids[:, hit.tokens:], attention_mask=inputs.get("attention_mask"),
+                                use_cache=True, **{argument: cache})[0]
+        logits = adapter.lm_head()(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return TextOutput(logits, cache)
+    rest = {key: value[:, hit.tokens:] if key != "attention_mask" and isinstance(value, torch.Tensor)
+            and value.dim() == 2 and value.shape == (1, length) else value for key, value in inputs.items()}
+    return model(**rest, use_cache=True, cache=hit.cache(), logits_to_keep=logits_to_keep)
+
+
+def insert(prefix: PrefixCache, keys: Sequence[Hashable], cache: Any, length: int) -> None:
+    """Add a prefilled prompt's blocks (`cache`, a batch of one, over `length` positions), unless
+    a pruning method dropped some of its tokens (then its entries are not one per position)."""
+    if cache.get_seq_length() == length:
+        prefix.insert(keys, cache)

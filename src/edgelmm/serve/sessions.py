@@ -69,21 +69,29 @@ class VerifySessions:
         return self.states.pop(session, None) is not None
 
     def run(self, rounds: list[Round]) -> list[Any]:
-        """Each round's answer (or the ApiError for it alone). A round that opens its session is
-        prefilled with its tokens in one pass; the others' new tokens are read together in one."""
+        """Each round's answer (or the ApiError for it alone). Rounds that open their sessions are
+        prefilled with their tokens together (`KVRunner.open_many`: one pass per prompt length);
+        the others' new tokens are read together in one."""
         runner = self.backend.kv_runner()
         answers: list[Any] = [None] * len(rounds)
         live, states, ids, counts = [], [], [], []
         started = time.perf_counter()
-        for i, r in enumerate(rounds):
-            try:
-                if r.request is not None:
-                    state, rows = runner.open(r.request, r.tokens)
-                    self.states[r.session] = state
-                    self.opened.inc()
-                    self.tokens.inc(len(state.ids))
-                    answers[i] = self._answer(r, rows, state, len(r.tokens), True, 1, started)
+        opening = [i for i, r in enumerate(rounds) if r.request is not None]
+        if opening:
+            opened = runner.open_many([rounds[i].request for i in opening], [rounds[i].tokens for i in opening])
+            for i, done in zip(opening, opened):
+                if isinstance(done, BaseException):
+                    answers[i] = done
                     continue
+                state, rows = done
+                self.states[rounds[i].session] = state
+                self.opened.inc()
+                self.tokens.inc(len(state.ids))
+                answers[i] = self._answer(rounds[i], rows, state, len(rounds[i].tokens), True, len(opening), started)
+        for i, r in enumerate(rounds):
+            if r.request is not None:
+                continue
+            try:
                 state = self.states.get(r.session)
                 if state is None:
                     self.misses.inc()
