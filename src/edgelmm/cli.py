@@ -224,7 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = _limits(args)
     spec = _spec(path=args.model, device=args.device, dtype=args.dtype, methods=args.method or [], options=_options(args.option))
     run_server(spec, args.backend, args.host, args.port, args.api_key, args.allowed_local_media_path, limits,
-               args.served_model_name, "debug" if args.debug else "info")
+               args.served_model_name, "debug" if args.debug else "info", access_log=args.access_log)
     return 0
 
 
@@ -278,7 +278,8 @@ def _collab_serve(args: argparse.Namespace) -> int:
     settings = _cloud_settings(args, policy)
     cloud = check_cloud(settings) if settings is not None else None  # before the model loads
     run_server(_edge_spec(args), args.edge_backend, args.host, args.port, args.api_key, args.allowed_local_media_path,
-               limits, args.served_model_name, "debug" if args.debug else "info", wrap=wrap(policy, cloud))
+               limits, args.served_model_name, "debug" if args.debug else "info", wrap=wrap(policy, cloud),
+               access_log=args.access_log)
     return 0
 
 
@@ -445,6 +446,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="drop a request body that stalls this long")
     p.add_argument("--verify-cache-mb", type=float, default=512.0,
                    help="KV bytes kept for draft-verify sessions (least recently used evicted first)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="no line per request on stderr (under many small requests, such as draft-verify rounds, "
+                   "the log costs the server noticeable time)")
 
 
 def _add_edge_args(p: argparse.ArgumentParser) -> None:

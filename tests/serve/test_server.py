@@ -386,7 +386,17 @@ def test_connections_are_bounded(strict, monkeypatch):
     monkeypatch.setattr(serving, "build", lambda *a, **k: (None, type("E", (), {"close": lambda self: None,
                                                                             "backend": type("B", (), {"close": lambda self: None})()})()))
     serving.run_server(ModelSpec(path="x"), port=free_port(), limits=Limits(max_connections=7))
-    assert seen["limit_concurrency"] == 7
+    assert seen["limit_concurrency"] == 7 and seen["access_log"] is True
+    serving.run_server(ModelSpec(path="x"), port=free_port(), access_log=False)
+    assert seen["access_log"] is False
+
+
+def test_the_access_log_can_be_turned_off():
+    from edgelmm.cli import build_parser
+
+    for command in (["serve", "m"], ["collab", "serve", "--edge", "m"]):
+        assert build_parser().parse_args(command).access_log is True
+        assert build_parser().parse_args(command + ["--no-access-log"]).access_log is False
 
 
 # ---------------------------------------------------------------- what real clients rely on

@@ -560,7 +560,7 @@ async def _client_gone(request: HttpRequest, exc: Exception) -> Response:
     return Response(status_code=499)
 
 
-def authorize(request: HttpRequest) -> None:
+async def authorize(request: HttpRequest) -> None:  # async: a plain def would run in a worker thread per request
     key = _state(request).config.api_key
     if key is None:
         return

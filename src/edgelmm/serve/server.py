@@ -86,7 +86,8 @@ def check_address(host: str, port: int) -> None:
 
 def run_server(spec: ModelSpec, backend: str = "torch", host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, local_media_dir: str | Path | None = None, limits: Limits | None = None,
-               served_name: str | None = None, log_level: str = "info", wrap: Callable[[Any], Any] | None = None) -> None:
+               served_name: str | None = None, log_level: str = "info", wrap: Callable[[Any], Any] | None = None,
+               access_log: bool = True) -> None:
     """Serve until interrupted. Binding beyond loopback without an API key gets a warning; the
     address is checked before the model loads."""
     uvicorn = _uvicorn()
@@ -97,7 +98,7 @@ def run_server(spec: ModelSpec, backend: str = "torch", host: str = "127.0.0.1",
         print(f"edgelmm: warning: serving on {host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5,
                     **connection_limits(limits))
     finally:
         engine.close()
