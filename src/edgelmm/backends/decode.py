@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from transformers import Cache
 
-from edgelmm.backends.prefix_cache import cached_forward, output_cache
+from edgelmm.backends.prefix_cache import cache_argument, cached_forward, output_cache
 from edgelmm.config import SamplingParams
 from edgelmm.errors import EdgelmmError
 from edgelmm.methods.pruning import pruning_of
@@ -241,8 +241,7 @@ class StaticDecoder:
         self.model, self.adapter, self.device, self.limit = model, adapter, device, limit
         self.language_model = adapter.language_model()
         self.lm_head = adapter.lm_head()
-        forward = inspect.signature(self.language_model.forward).parameters
-        self.cache_argument = "cache" if "cache" in forward else "past_key_values"
+        self.cache_argument = cache_argument(self.language_model)
         self.mask_dtype = next(model.parameters()).dtype if next(model.parameters()).is_floating_point() else torch.float32
         self.graphs = graphs and device.type == "cuda"
         self.steps: dict[tuple[int, int, bool, int], _Step] = {}

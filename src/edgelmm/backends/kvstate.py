@@ -20,14 +20,13 @@ tokens (visual-token pruning) keep fewer and are refused.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from edgelmm.backends.prefix_cache import forward_from, insert, lookup, output_cache
+from edgelmm.backends.prefix_cache import cache_argument, forward_from, insert, lookup, output_cache
 from edgelmm.errors import EdgelmmError
 
 
@@ -75,8 +74,7 @@ class KVRunner:
         self.model, self.adapter, self.device = backend.model, backend.adapter, backend.device
         self.language_model = self.adapter.language_model()
         self.lm_head = self.adapter.lm_head()
-        forward = inspect.signature(self.language_model.forward).parameters
-        self.cache_argument = "cache" if "cache" in forward else "past_key_values"
+        self.cache_argument = cache_argument(self.language_model)
 
     def open(self, request: Any, tokens: list[int] | tuple[int, ...] = ()) -> tuple[KVState, torch.Tensor]:
         """Prefill `request`'s prompt, and `tokens` after it, in one forward pass: the new state
@@ -93,7 +91,7 @@ class KVRunner:
         same length are prefilled together, in one forward pass with no padding."""
         out: list[Any] = [None] * len(requests)
         prefix = self.backend.prefix_cache
-        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, torch.Tensor], int, Any]]] = {}
+        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, torch.Tensor], Any]]] = {}
         for i, (request, extra) in enumerate(zip(requests, tokens)):
             try:
                 inputs = self.backend.prepare_inputs([request], None)
@@ -107,16 +105,16 @@ class KVRunner:
                     out[i] = self._prefill([inputs], [prompt], len(extra) + 1, hit)[0]
                     continue
                 shape = tuple((k, tuple(v.shape)) for k, v in inputs.items() if isinstance(v, torch.Tensor))
-                groups.setdefault((shape, prompt), []).append((i, inputs, prompt, keys))
+                groups.setdefault((shape, prompt), []).append((i, inputs, keys))
             except Exception as exc:  # noqa: BLE001  (this request's error, answered to it alone)
                 out[i] = exc
         for (_, prompt), group in groups.items():
             try:
-                rows = self._prefill([inputs for _, inputs, _, _ in group], [prompt] * len(group),
+                rows = self._prefill([inputs for _, inputs, _ in group], [prompt] * len(group),
                                      group[0][1]["input_ids"].shape[1] - prompt + 1, None)
             except Exception as exc:  # noqa: BLE001
                 rows = [exc] * len(group)
-            for (i, _, _, keys), opened in zip(group, rows):
+            for (i, _, keys), opened in zip(group, rows):
                 out[i] = opened
                 if prefix is not None and not isinstance(opened, BaseException):
                     insert(prefix, keys, opened[0].cache, prompt)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +232,19 @@ class TextOutput:
     cache: Any
 
 
+_CACHE_ARGUMENTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def cache_argument(language_model: Any) -> str:
+    """The keyword a language model's forward takes its KV cache by (transformers renamed
+    `past_key_values` to `cache`); read from its signature once per module."""
+    name = _CACHE_ARGUMENTS.get(language_model)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+        _CACHE_ARGUMENTS[language_model] = name
+    return name
+
+
 def output_cache(out: Any) -> Any:
     """The KV cache a model's forward returned (transformers names it `cache` or `past_key_values`)."""
     if isinstance(out, TextOutput):
@@ -282,9 +296,8 @@ def forward_from(model: Any, adapter: Any, inputs: dict[str, Any], hit: Hit, log
     length = ids.shape[1]
     if not adapter.image_token_mask(ids[:, hit.tokens:]).any():  # a hit never ends inside the images
         language_model, cache = adapter.language_model(), hit.cache()
-        argument = "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
         hidden = language_model(input_ids=ids[:, hit.tokens:], attention_mask=inputs.get("attention_mask"),
-                                use_cache=True, **{argument: cache})[0]
+                                use_cache=True, **{cache_argument(language_model): cache})[0]
         logits = adapter.lm_head()(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return TextOutput(logits, cache)
     rest = {key: value[:, hit.tokens:] if key != "attention_mask" and isinstance(value, torch.Tensor)
