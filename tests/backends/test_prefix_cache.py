@@ -40,6 +40,24 @@ def test_later_turns_reuse_the_earlier_prompt_and_answer_the_same(llava_path):
     assert stats["hit_tokens"] == len(plain.prompt_token_ids(first))  # the whole first prompt, image and all
 
 
+def test_a_text_rest_skips_the_family_forward_and_an_image_rest_does_not(llava_path):
+    backend = load(ModelSpec(path=str(llava_path), device="cpu", options={"prefix_cache_mb": 16}))
+    image = make_image()
+    one = backend.generate([chat(image, "What color is the circle?")], GREEDY)[0]
+    calls: list[int] = []
+    hook = backend.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        backend.generate([chat(image, "What color is the circle?", one.text, "How many shapes?")], GREEDY)
+        text_rest = len(calls)
+        again = chat(image, "What color is the circle?", one.text, "And here?")
+        again.messages[-1]["content"] = [{"type": "image", "image": make_image(seed=3)}, {"type": "text", "text": "And here?"}]
+        backend.generate([again], GREEDY)  # the cached head ends before the new picture
+    finally:
+        hook.remove()
+    assert backend.prefix_cache.stats()["hits"] == 2
+    assert text_rest == 0 and len(calls) > 0
+
+
 def test_another_picture_shares_only_what_comes_before_it(llava_path):
     backend = load(ModelSpec(path=str(llava_path), device="cpu", options={"prefix_cache_mb": 16}))
     backend.generate([chat(make_image(seed=1), "What color is the circle?")], GREEDY)

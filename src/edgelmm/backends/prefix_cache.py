@@ -62,6 +62,7 @@ class _Node:
 class Hit:
     tokens: int  # positions of the prompt whose KV is reused
     nodes: list[_Node]
+    text_rest: bool = False  # set by `lookup`: no image token after the reused positions
 
     def cache(self) -> DynamicCache:
         """The hit's KV as a fresh DynamicCache (batch of one), ready to be extended."""
@@ -282,11 +283,13 @@ def lookup(adapter: Any, inputs: dict[str, Any], prefix: PrefixCache, images: Se
     ids = inputs["input_ids"]
     mask = adapter.image_token_mask(ids)[0].tolist()
     keys = prompt_keys(ids[0].tolist(), mask, images)[: prompt_tokens or ids.shape[1]]
-    return keys, prefix.lookup(keys, mask[: len(keys)])
+    hit = prefix.lookup(keys, mask[: len(keys)])
+    hit.text_rest = not any(mask[hit.tokens:])
+    return keys, hit
 
 
 def forward_from(model: Any, adapter: Any, inputs: dict[str, Any], hit: Hit, logits_to_keep: int = 0) -> Any:
-    """The model's forward over a one-request input on top of `hit` (nothing cached: the whole
+    """The model's forward over a one-request input on top of `hit` (from `lookup`; nothing cached: the whole
     prompt). Where the cached head holds every image, the rest is text alone and goes straight
     through the adapter's language model and lm_head (as decode steps do), without the family's
     outer forward and its image handling."""
@@ -294,7 +297,7 @@ def forward_from(model: Any, adapter: Any, inputs: dict[str, Any], hit: Hit, log
         return model(**inputs, use_cache=True, logits_to_keep=logits_to_keep)
     ids = inputs["input_ids"]
     length = ids.shape[1]
-    if not adapter.image_token_mask(ids[:, hit.tokens:]).any():  # a hit never ends inside the images
+    if hit.text_rest:  # a hit never ends inside the images
         language_model, cache = adapter.language_model(), hit.cache()
         hidden = language_model(input_ids=ids[:, hit.tokens:], attention_mask=inputs.get("attention_mask"),
                                 use_cache=True, **{cache_argument(language_model): cache})[0]
