@@ -177,8 +177,9 @@ async def record_rounds(cloud_port: int, samples: list) -> list[dict]:
 async def capacity(cloud_port: int, samples: list, recorded: list[dict], clients: int, passes: int = 3) -> dict:
     url = f"http://127.0.0.1:{cloud_port}/v1"
     results: dict = {}
-    before = verify_counts(url)
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients)) as http:
+        before = await verify_counts(http, url)
+
         async def replay(job: dict) -> tuple[float, int]:
             session = f"cap-{uuid.uuid4().hex}"
             started = time.perf_counter()
@@ -214,6 +215,7 @@ async def capacity(cloud_port: int, samples: list, recorded: list[dict], clients
                        "p90_ms_per_token": percentile([1000 * s / max(t, 1) for s, t in done], 90)}
                 results.setdefault(kind, []).append(row)
                 print(json.dumps({kind: row, "pass": turn}), flush=True)
+        after = await verify_counts(http, url)  # over the draft-verify passes: how well the rounds were batched
 
     def median(kind: str, field: str) -> float:
         return statistics.median(row[field] for row in results[kind])
@@ -226,14 +228,13 @@ async def capacity(cloud_port: int, samples: list, recorded: list[dict], clients
     results["throughput_ratio_ceiling"] = 1 / results["prefill_share_of_cloud_only"]
     results["passes"] = passes
     results["clients"] = clients
-    after = verify_counts(url)  # over the draft-verify passes: how well the rounds were batched
     results["verify_rounds_per_pass"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
     return results
 
 
-def verify_counts(url: str) -> tuple[float, float]:
+async def verify_counts(http: httpx.AsyncClient, url: str) -> tuple[float, float]:
     """The cloud's verify rounds on open sessions so far, and the forward passes that read them."""
-    text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    text = (await http.get(url.removesuffix("/v1") + "/metrics")).text
     return metric(text, "edgelmm_verify_session_hits_total"), metric(text, "edgelmm_verify_batches_total")
 
 

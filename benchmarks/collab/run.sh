@@ -13,6 +13,7 @@ lscpu | grep -E "Model name|^CPU\(s\)" > "$out/machine.txt"
 python benchmarks/collab/draft_verify.py --out "$out/draft-verify-cpu.json" > "$out/draft-verify-cpu.log" 2>&1
 # 2. the second turn of a chat with and without the KV caches (edge torch, edge llamacpp, cloud)
 python benchmarks/collab/caches.py --out "$out/caches-cpu.json" > "$out/caches-cpu.log" 2>&1
+python benchmarks/collab/turn2_parts.py --out "$out/turn2-parts-cpu.json" > "$out/turn2-parts-cpu.log" 2>&1
 # 3. the matrix: presets x tasks x RTTs, every strategy's curve, thresholds fitted on seed 1, reported on seed 0
 edgelmm collab ablate configs/experiments/collab_demo.yaml --out "$out/ablate-cpu" > "$out/ablate-cpu.log" 2>&1
 # 4. what routing costs a request kept on the edge
