@@ -8,6 +8,10 @@ second turn: the prompt's inputs (chat template, processor with its tokenizer), 
 cache's lookup, the forward over the rest of the prompt, the insert, and the decode engine's
 whole prefill. A diagnostic: the wrappers add a few microseconds per step, so its TTFTs are
 quoted beside `caches.py`'s, never in their place.
+
+Then the forward over the rest of the last conversation's second turn alone, on top of its cached
+head, run again and again: back to back, and each after the process has slept 1, 5, 20 and 200 ms
+(a chat's turns come seconds apart); medians.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caches import FOLLOW_UPS, PARAMS, turns  # noqa: E402
@@ -73,16 +79,30 @@ def main() -> int:
             for label, backend in sides if i % 2 == 0 else sides[::-1]:  # alternating which goes first
                 one = backend.generate([Request(messages=turns(sample, None, follow))], PARAMS)[0]
                 timing[0] = phase == "timed" and label == "cached"
-                two = backend.generate([Request(messages=turns(sample, one.text, follow))], PARAMS)[0]
+                last = Request(messages=turns(sample, one.text, follow))
+                two = backend.generate([last], PARAMS)[0]
                 timing[0] = False
                 got[label] = 1000 * two.timings.ttft_s
             if phase == "timed":
                 rows.append(got)
+    with torch.inference_mode():  # the last second turn's rest, on top of its cached head
+        inputs = cached.prepare_inputs([last], PARAMS)
+        _, hit = prefix_cache.lookup(cached.adapter, inputs, cached.prefix_cache, last.all_images())
+        idle = {}
+        for pause_ms in (0, 1, 5, 20, 200):
+            runs = []
+            for _ in range(200 if pause_ms < 200 else 30):
+                time.sleep(pause_ms / 1000)
+                start = time.perf_counter()
+                prefix_cache.forward_from(cached.model, cached.adapter, inputs, hit, logits_to_keep=1)
+                runs.append(1000 * (time.perf_counter() - start))
+            idle[f"after {pause_ms} ms idle"] = round(statistics.median(runs), 3)
     report = {
         "model": EDGE, "conversations": len(rows),
         "turn2_ttft_ms_p50": {k: statistics.median(r[k] for r in rows) for k in ("cached", "plain")},
         "turn2_ratio_p50": statistics.median(r["cached"] / r["plain"] for r in rows),
         "cached_turn2_steps_ms_p50": {label: round(statistics.median(times[label]), 3) for _, _, label in STEPS},
+        "rest_forward_ms_p50": {"prompt_tokens": inputs["input_ids"].shape[1], "cached_tokens": hit.tokens, **idle},
     }
     print(json.dumps(report, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
