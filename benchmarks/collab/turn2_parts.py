@@ -78,16 +78,17 @@ def main() -> int:
             sides = (("plain", plain), ("cached", cached))
             for label, backend in sides if i % 2 == 0 else sides[::-1]:  # alternating which goes first
                 one = backend.generate([Request(messages=turns(sample, None, follow))], PARAMS)[0]
+                second = Request(messages=turns(sample, one.text, follow))
+                if backend is cached:  # its rest and cached head as this turn meets them, for the idle runs below
+                    inputs = cached.prepare_inputs([second], PARAMS)
+                    _, hit = prefix_cache.lookup(cached.adapter, inputs, cached.prefix_cache, second.all_images())
                 timing[0] = phase == "timed" and label == "cached"
-                last = Request(messages=turns(sample, one.text, follow))
-                two = backend.generate([last], PARAMS)[0]
+                two = backend.generate([second], PARAMS)[0]
                 timing[0] = False
                 got[label] = 1000 * two.timings.ttft_s
             if phase == "timed":
                 rows.append(got)
-    with torch.inference_mode():  # the last second turn's rest, on top of its cached head
-        inputs = cached.prepare_inputs([last], PARAMS)
-        _, hit = prefix_cache.lookup(cached.adapter, inputs, cached.prefix_cache, last.all_images())
+    with torch.inference_mode():  # the last second turn's rest, on top of the head it found cached
         idle = {}
         for pause_ms in (0, 1, 5, 20, 200):
             runs = []
